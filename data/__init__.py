@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpora, token shards and the loaders that read them."""

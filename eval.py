@@ -1,0 +1,81 @@
+"""Evaluate a checkpoint. Prints one JSON line.
+
+    python eval.py --ckpt out/shakespeare/ckpt/latest --task ppl                  # the run's validation shards
+    python eval.py --ckpt out/shakespeare --task ppl --data some.txt              # a text file
+    python eval.py --ckpt out/shakespeare --task ppl --data data/cache/shards/X --split train
+
+--data is a token-shard directory (made by data/prepare.py; --split picks train or val) or a text file,
+which is tokenised with the checkpoint's tokenizer and cut into windows of the training sequence length.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data.loader import TokenLoader
+from data.tokenizer import get_tokenizer
+from train import default_shard_dir
+from training.checkpoint import load_model, resolve
+from training.device import autocast_context, pick_device
+from training.evaluation import evaluate
+
+
+def text_batches(path: Path, tokenizer, seq_len: int, batch_size: int):
+    """Consecutive windows of seq_len+1 tokens (stride seq_len) over one text file, in batches."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path} is not valid UTF-8 ({e}); convert it to UTF-8 first") from None
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n_windows = (len(ids) - 1) // seq_len
+    if n_windows < 1:
+        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than one window of seq_len+1={seq_len + 1}; "
+                         f"pass a longer text or --seq_len smaller")
+    windows = torch.stack([ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(n_windows)])  # (N, T+1)
+    for start in range(0, n_windows, batch_size):
+        w = windows[start:start + batch_size]
+        yield w[:, :-1], w[:, 1:]
+
+
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint dir, its ckpt/ parent, or the run dir")
+    ap.add_argument("--task", default="ppl", choices=["ppl"], help="ppl: loss, perplexity and token accuracy")
+    ap.add_argument("--data", default="", help="token-shard dir or text file (default: the run's own shards)")
+    ap.add_argument("--split", default="val", choices=["train", "val"], help="split of a shard dir")
+    ap.add_argument("--batches", type=int, default=0, help="evaluate at most N batches (0 = all)")
+    ap.add_argument("--batch_size", type=int, default=0, help="default: the training batch size")
+    ap.add_argument("--seq_len", type=int, default=0, help="default: the training sequence length")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    args = ap.parse_args(argv)
+
+    device = pick_device(args.device)
+    model, cfg = load_model(args.ckpt, device)
+    seq_len = args.seq_len or cfg.data.seq_len
+    batch_size = args.batch_size or cfg.data.batch_size
+    if seq_len > cfg.model.max_seq_len:
+        raise SystemExit(f"--seq_len={seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
+    data = Path(args.data or cfg.data.shard_dir or default_shard_dir(cfg.data))
+    if data.is_dir():
+        batches = TokenLoader(str(data), args.split, batch_size, seq_len, shuffle=False)
+        if batches.meta["tokenizer"] != cfg.data.tokenizer:
+            raise SystemExit(f"{data} was tokenised with {batches.meta['tokenizer']!r} but the model was trained "
+                             f"with {cfg.data.tokenizer!r}; prepare the data with --tokenizer {cfg.data.tokenizer}")
+    elif data.is_file():
+        batches = text_batches(data, get_tokenizer(cfg.data.tokenizer), seq_len, batch_size)
+    else:
+        raise SystemExit(f"--data {data} does not exist (give a token-shard dir or a text file)")
+    with autocast_context(args.dtype, device):
+        r = evaluate(model, batches, args.batches, device)
+    result = {"task": args.task, "ckpt": str(resolve(args.ckpt)), "data": str(data), "loss": r["val_loss"],
+              "ppl": r["val_ppl"], "token_acc": r["val_token_acc"], "tokens": r["val_tokens"]}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

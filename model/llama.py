@@ -1,0 +1,335 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Qwen2), written to load Hugging Face checkpoints directly.
+
+    tokens -> embedding -> n_layers x [ x + Attention(RMSNorm(x)),  x + SwiGLU(RMSNorm(x)) ] -> RMSNorm -> output
+
+Attention is grouped-query (n_kv_heads <= n_heads) with rotary position embeddings in HF's rotate-half layout;
+Qwen2 adds a bias to the q/k/v projections. The output head may share its weight with the token embedding.
+
+A model is built on the meta device and materialised by the caller:
+
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device="cuda")
+    model.init_weights()                # or load_safetensors(...), which calls model.init_buffers()
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import BACKENDS, attention
+from model.loss import LossOutput, lm_loss
+from model.norm import RMSNorm
+from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+
+
+@dataclass
+class RopeScaling:
+    type: str = "none"  # "none" | "linear" | "llama3" (see model.rope.rope_inv_freq)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_seq_len: int = 8192  # llama3 only: context length the model was pretrained with
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 50304
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 12  # n_heads // n_kv_heads query heads share one key/value head
+    ffn_dim: int = 2048  # hidden size of the SwiGLU MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    qkv_bias: bool = False  # Qwen2: bias on the q, k, v projections (never on the output projection)
+    attn_backend: str = "sdpa"  # "sdpa" | "eager"
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"LlamaConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+        if self.rope_scaling.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"LlamaConfig.rope_scaling.type {self.rope_scaling.type!r} unknown; expected one "
+                             f"of {ROPE_SCALING_TYPES}")
+        if self.rope_scaling.type == "llama3" and self.rope_scaling.high_freq_factor <= self.rope_scaling.low_freq_factor:
+            raise ValueError("LlamaConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
+
+
+# Named sizes. Those named after a published model have its exact shapes (from its config.json).
+LLAMA_CONFIGS: dict[str, LlamaConfig] = {
+    "debug": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    "llama-125m": LlamaConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
+    "llama-350m": LlamaConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=2816),
+    "llama-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                                rope_theta=100000.0, max_seq_len=8192),
+    "smollm2-360m": LlamaConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560,
+                                rope_theta=100000.0, max_seq_len=8192),
+    "qwen2.5-0.5b": LlamaConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                                norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, qkv_bias=True),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                                rope_theta=500000.0, max_seq_len=131072,
+                                rope_scaling=RopeScaling("llama3", factor=32.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_seq_len=8192)),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.dim // config.n_heads
+        self.backend = config.attn_backend
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
+        return self.wo(y)  # (B, T, dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): w_down(silu(w_gate(x)) * w_up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, ffn_dim)
+        return self.w_down(h)  # (B, T, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)  # (B, T, dim)
+        x = x + self.mlp(self.mlp_norm(x))  # (B, T, dim)
+        return x
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        head_dim = config.dim // config.n_heads
+        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module._apply (behind to_empty(), to(), cuda()) may give every module a new Parameter, e.g. when
+        # moving off the meta device, which would untie the output head from the embedding: tie them again.
+        # It also casts buffers with the weights (to(bfloat16)): recompute inv_freq, which must stay fp32.
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers on their current device: RoPE inverse frequencies, fp32.
+
+        Part of the contract for callers that fill the weights themselves after to_empty(); to_empty(), to()
+        and cuda() also call it (see _apply), so inv_freq survives a cast of the model to bfloat16.
+        """
+        c, s = self.config, self.config.rope_scaling
+        inv_freq = rope_inv_freq(c.dim // c.n_heads, c.rope_theta, s.type, s.factor, s.low_freq_factor,
+                                 s.high_freq_factor, s.original_max_seq_len, device=self.inv_freq.device)
+        self.inv_freq = inv_freq  # a plain assignment to a registered buffer replaces it (and keeps it fp32)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor in place (on whatever device the model lives), then call init_buffers().
+
+        - tok_embeddings.weight:           normal(0, init_std)
+        - wq, wk, wv, w_gate, w_up weights: normal(0, init_std)
+        - wo, w_down weights (the projections that write into the residual stream):
+                                           normal(0, init_std / sqrt(2 * n_layers)), as GPT-2 does, so the
+                                           residual stream's variance does not grow with depth
+        - output.weight (untied):          normal(0, init_std); when tied it is tok_embeddings.weight
+        - q/k/v biases (qkv_bias):         zeros
+        - RMSNorm weights:                 ones
+        - inv_freq buffer:                 recomputed from the config (init_buffers)
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            for linear in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.mlp.w_gate, layer.mlp.w_up):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            nn.init.normal_(layer.attn.wo.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.mlp.w_down.weight, mean=0.0, std=residual_std)
+            layer.attn_norm.reset_parameters()
+            layer.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        self.init_buffers()
+
+    def forward(self, idx: Tensor, labels: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor | LossOutput:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
+
+        position_ids (B, T) default to 0..T-1 for every row; packed batches pass positions that restart at each
+        document (they set the rotary angles only: attention is causal over the whole row).
+        """
+        B, T = idx.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids)  # (B or 1, T, head_dim / 2), fp32
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin)  # (B, T, dim)
+        x = self.norm(x)  # (B, T, dim)
+        logits = self.output(x)  # (B, T, vocab_size)
+        if labels is None:
+            return logits
+        return lm_loss(logits, labels)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of unique parameters (a tied embedding counts once). non_embedding=True leaves out the token
+        embedding table (Kaplan et al. 2020's N); an untied output head stays in."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM (Chowdhery et al. 2022) appendix B:
+        6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len.
+
+        N_matmul counts the weights of every matrix multiply: the attention and MLP projections and the output
+        head. The embedding table is a lookup, so it is left out, except that a tied table is the output head's
+        weight and is counted once as such. Biases and norm weights are not matmul weights.
+        """
+        c = self.config
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * n_matmul + 12.0 * c.n_layers * c.n_heads * (c.dim // c.n_heads) * seq_len
+
+
+# Hugging Face LlamaForCausalLM / Qwen2ForCausalLM names -> ours. "{i}" stands for a layer index. A None target
+# marks a tensor some HF checkpoints carry that is not a weight of ours (skipped on load, never exported).
+# Read by model.weights.key_mapper(HF_KEY_MAP) for loading, inverse=True for export.
+HF_KEY_MAP: dict[str, str | None] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.wv.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.wq.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.wk.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.wv.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w_down.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.self_attn.rotary_emb.inv_freq": None,  # saved by old transformers versions
+}
+
+
+def _hf_rope_scaling(hf_config: dict) -> tuple[float, RopeScaling]:
+    """rope theta and scaling from either config.json format: transformers >= 5 writes `rope_parameters`
+    {rope_type, rope_theta, ...}; older files have top-level `rope_theta` and `rope_scaling` {rope_type|type, ...}."""
+    params = dict(hf_config.get("rope_scaling") or {})
+    params.update(hf_config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        original = params.get("original_max_position_embeddings", hf_config["max_position_embeddings"])
+        return theta, RopeScaling("llama3", factor=float(params["factor"]),
+                                  low_freq_factor=float(params["low_freq_factor"]),
+                                  high_freq_factor=float(params["high_freq_factor"]),
+                                  original_max_seq_len=int(original))
+    raise ValueError(f"HF config: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def config_from_hf(hf_config: dict) -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json dict (model_type "llama" or "qwen2").
+
+    Raises ValueError for features this model does not implement rather than loading something different.
+    """
+    model_type = hf_config.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        raise ValueError(f"HF config: model_type {model_type!r} is not supported by model.llama (llama, qwen2)")
+    dim, n_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    unsupported = {
+        "hidden_act other than silu": hf_config.get("hidden_act", "silu") != "silu",
+        "head_dim != hidden_size / num_attention_heads": hf_config.get("head_dim", dim // n_heads) != dim // n_heads,
+        "attention_bias (bias on o_proj too)": model_type == "llama" and hf_config.get("attention_bias", False),
+        "mlp_bias": hf_config.get("mlp_bias", False),
+        "use_sliding_window": hf_config.get("use_sliding_window", False),
+    }
+    for what, present in unsupported.items():
+        if present:
+            raise ValueError(f"HF config ({model_type}): {what} is not supported by model.llama")
+    rope_theta, rope_scaling = _hf_rope_scaling(hf_config)
+    config = LlamaConfig(
+        vocab_size=hf_config["vocab_size"],
+        dim=dim,
+        n_layers=hf_config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf_config["intermediate_size"],
+        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_seq_len=hf_config.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        init_std=float(hf_config.get("initializer_range", 0.02)),
+    )
+    config.validate()
+    return config

@@ -1,0 +1,100 @@
+"""Language-model cross-entropy returned as sums, so callers can normalise over any number of micro-batches/ranks.
+
+    loss_sum = sum over learnable rows i of  logsumexp(logits_i) - logits_i[label_i]
+    d loss_sum / d logits_i = softmax(logits_i) - onehot(label_i)      (0 for ignored rows)
+
+lm_loss computes this chunk by chunk over rows, in fp32, without keeping a (rows, vocab) tensor of log-probabilities
+for the backward pass: the backward recomputes softmax per chunk from the logits. F.cross_entropy would keep fp32
+log-probs (twice the size of bf16 logits) and allocate two more (rows, vocab) tensors in its backward; at a 50k-128k
+vocabulary these dominate the memory and, on a CPU, the time of a small model's step. lm_loss_ref below is the plain
+F.cross_entropy version; the tests hold lm_loss to it.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LossOutput(NamedTuple):
+    loss_sum: Tensor  # fp32 scalar: sum of per-token cross-entropy over learnable positions
+    n_tokens: Tensor  # int64 scalar: number of positions whose label != ignore_index
+    n_correct: Tensor  # int64 scalar: learnable positions where argmax(logits) == label
+
+
+def _rows_per_chunk(logits: Tensor) -> int:
+    # fp32 temporaries of 16 MiB on CPU: small enough for malloc to reuse them (no fresh pages each chunk);
+    # 128 MiB on GPU, where fewer, larger chunks mean fewer kernel launches
+    elements = 2**22 if logits.device.type == "cpu" else 2**25
+    return max(1, elements // logits.shape[1])
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """(loss_sum, n_correct) for logits (N, V) of any float dtype and labels (N,); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, reuse_logits: bool):
+        learnable = labels != ignore_index  # (N,)
+        target = torch.where(learnable, labels, 0)  # (N,) an index that is valid on ignored rows too
+        row_loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
+        argmax = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # (N,)
+        step = _rows_per_chunk(logits)
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            chunk = logits[rows].float()  # (n, V) fp32
+            log_probs = torch.log_softmax(chunk, dim=-1)  # (n, V)
+            row_loss[rows] = -log_probs.gather(1, target[rows, None]).squeeze(1)
+            argmax[rows] = chunk.max(dim=-1).indices  # the first maximal index, as argmax; max(dim) is faster
+        loss_sum = torch.where(learnable, row_loss, 0.0).sum()
+        n_correct = ((argmax == labels) & learnable).sum()
+        ctx.save_for_backward(logits, target, learnable)
+        ctx.reuse_logits, ctx.backward_done = reuse_logits, False
+        ctx.mark_non_differentiable(n_correct)
+        return loss_sum, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_n_correct: Tensor):
+        logits, target, learnable = ctx.saved_tensors
+        if ctx.reuse_logits and ctx.backward_done:
+            raise RuntimeError("lm_loss(reuse_logits=True): the logits were overwritten by the first backward")
+        ctx.backward_done = True
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)  # (N, V) in the logits' dtype
+        scale = (grad_loss.float() * learnable)[:, None]  # (N, 1): d loss / d row_loss, 0 on ignored rows
+        step = _rows_per_chunk(logits)
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            g = torch.softmax(logits[rows].float(), dim=-1)  # (n, V) fp32
+            g.mul_(scale[rows])
+            g.scatter_add_(1, target[rows, None], -scale[rows])  # softmax - onehot(label), scaled
+            grad[rows] = g
+        return grad, None, None, None
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reuse_logits: bool = False) -> LossOutput:
+    """Summed cross-entropy of logits (B, T, V) against labels (B, T), computed in fp32.
+
+    Labels are already aligned with the logits (label t is the token that follows input t): nothing is shifted
+    here. Positions labelled ignore_index count in neither the loss nor the accuracy. A batch with no learnable
+    position gives loss_sum 0 (an empty sum, whose gradient is zero, never NaN) and n_tokens 0; the mean loss is
+    loss_sum / n_tokens, to be taken by the caller over the whole step.
+
+    reuse_logits=True lets the backward pass write the gradient into the logits' own memory, saving one
+    (B, T, V) tensor: only for callers that never read the logits after backward (the model's forward).
+    """
+    vocab_size = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab_size)  # (B*T, V)
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    loss_sum, n_correct = _ChunkedCrossEntropy.apply(flat_logits, flat_labels, ignore_index, reuse_logits)
+    n_tokens = (flat_labels != ignore_index).sum()
+    return LossOutput(loss_sum, n_tokens, n_correct)
+
+
+def lm_loss_ref(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> LossOutput:
+    """The same quantities with F.cross_entropy: the reference lm_loss is tested against."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    learnable = flat_labels != ignore_index  # (B*T,)
+    n_correct = ((flat_logits.detach().argmax(dim=-1) == flat_labels) & learnable).sum()
+    return LossOutput(loss_sum, learnable.sum(), n_correct)

@@ -1,0 +1,147 @@
+"""safetensors in and out: checked, streamed one tensor at a time, names translated through a declarative key map."""
+
+import re
+from collections.abc import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+_MAX_LISTED = 30  # names listed per category in a WeightMismatchError message
+
+
+class WeightMismatchError(ValueError):
+    """The checkpoint's tensors do not match the model's: lists missing, unexpected and mis-shaped names."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple, tuple]]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"weights from {source} do not match the model:"]
+
+        def listing(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items[:_MAX_LISTED])
+                if len(items) > _MAX_LISTED:
+                    lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
+
+        listing("missing from the checkpoint", missing)
+        listing("unexpected in the checkpoint", unexpected)
+        listing("wrong shape", [f"{name}: checkpoint {list(found)} vs model {list(expected)}"
+                                for name, found, expected in mismatched])
+        super().__init__("\n".join(lines))
+
+
+def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """Compare name -> shape maps of the model (expected) and a checkpoint (found); raise WeightMismatchError
+    naming every missing, unexpected and mis-shaped tensor, or return None when they agree exactly."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [(name, tuple(found[name]), tuple(expected[name]))
+                  for name in sorted(set(expected) & set(found)) if tuple(found[name]) != tuple(expected[name])]
+    if missing or unexpected or mismatched:
+        raise WeightMismatchError(source, missing, unexpected, mismatched)
+
+
+def key_mapper(key_map: dict[str, str | None], inverse: bool = False) -> Callable[[str], str | None]:
+    """A renaming function from a declarative map {their_name: our_name} where "{i}" matches a layer index.
+
+    Forward (for loading) renames theirs -> ours; inverse=True (for export) renames ours -> theirs. A None target
+    means "skip this tensor" (the function returns None). Names the map does not know are returned unchanged,
+    so the load check reports them as unexpected.
+    """
+    pairs = [(ours, theirs) for theirs, ours in key_map.items() if ours is not None] if inverse else \
+        list(key_map.items())
+
+    def to_regex(pattern: str) -> re.Pattern:
+        return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+    compiled = [(to_regex(source), target) for source, target in pairs]
+
+    def rename(name: str) -> str | None:
+        for regex, target in compiled:
+            match = regex.match(name)
+            if match:
+                return None if target is None else target.replace("{i}", match.groupdict().get("i") or "")
+        return name
+
+    return rename
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """{alias: canonical} for parameters registered under several names (a tied output head -> embedding)."""
+    canonical_of: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in canonical_of:
+            aliases[name] = canonical_of[id(param)]
+        else:
+            canonical_of[id(param)] = name
+    return aliases
+
+
+def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str], str | None] | None = None) -> None:
+    """Fill the model's parameters and persistent buffers from safetensors files, then call model.init_buffers().
+
+    Reads only headers first: every tensor name is renamed with key_map (theirs -> ours; None = keep names;
+    a None result skips the tensor) and names and shapes are checked against the model before anything is
+    copied. Then tensors are read one at a time and copied into the existing parameters (cast to their dtype,
+    moved to their device), so peak extra memory is one tensor. A tied parameter (output head sharing the
+    embedding) is filled from whichever of its names the checkpoint holds; if it holds both, the shapes must agree
+    and the canonical one (the embedding) is used.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    targets = dict(model.state_dict(keep_vars=True))  # our name -> Parameter / buffer (tied ones appear twice)
+    aliases = _tied_names(model)
+    for name, tensor in targets.items():
+        if tensor.is_meta:
+            raise ValueError(f"load_safetensors: {name} is on the meta device; call model.to_empty(device=...) first")
+
+    # 1) headers only: where each of our names lives and with what shape
+    location: dict[str, tuple[str, str]] = {}  # our name -> (path, their name)
+    found: dict[str, tuple] = {}
+    duplicates = []
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for their_name in f.keys():
+                name = key_map(their_name) if key_map is not None else their_name
+                if name is None:
+                    continue
+                if name in found:
+                    duplicates.append(f"{name} (in {location[name][0]} and {path})")
+                location[name] = (path, their_name)
+                found[name] = tuple(f.get_slice(their_name).get_shape())
+    if duplicates:
+        raise ValueError("load_safetensors: tensors stored more than once: " + ", ".join(duplicates))
+    for alias, canonical in aliases.items():
+        if alias in found:
+            if canonical not in found:  # e.g. a checkpoint holding only the output head of a tied pair
+                location[canonical], found[canonical] = location[alias], found[alias]
+            elif found[alias] != found[canonical]:
+                raise WeightMismatchError(", ".join(paths), [], [], [(alias, found[alias], found[canonical])])
+            del location[alias], found[alias]
+    expected = {name: tuple(t.shape) for name, t in targets.items() if name not in aliases}
+    check_tensors(expected, found, ", ".join(paths))
+
+    # 2) stream: one tensor at a time, file by file
+    by_path: dict[str, list[tuple[str, str]]] = {}
+    for name, (path, their_name) in location.items():
+        by_path.setdefault(path, []).append((name, their_name))
+    with torch.no_grad():
+        for path, names in by_path.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name, their_name in names:
+                    targets[name].copy_(f.get_tensor(their_name))
+    if hasattr(model, "init_buffers"):
+        model.init_buffers()
+
+
+def save_safetensors(model: nn.Module, path: str) -> None:
+    """Save parameters and persistent buffers under our names as contiguous CPU tensors; a tied parameter is
+    stored once, under its canonical (first registered) name."""
+    aliases = _tied_names(model)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
+               if name not in aliases}
+    save_file(tensors, path, metadata={"format": "pt"})

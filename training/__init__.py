@@ -1,0 +1,1 @@
+"""Training machinery: config, optimizer, schedules, checkpoints, logging, evaluation."""

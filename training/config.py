@@ -1,0 +1,310 @@
+"""Configs are Python files that build a `TrainConfig`; the command line overrides its fields.
+
+    config = TrainConfig(out_dir="out/x", model=LLAMA_CONFIGS["debug"], ...)     # configs/x.py
+    python train.py configs/x.py --optim.lr=1e-3 --model.n_layers=4 --max_steps 50
+
+Every override is parsed to the type of the field it names (the type on the dataclass that holds it, so
+any model family's config works). An unknown key or a value of the wrong type stops with an error that
+names it and the closest valid keys. `--help` lists every key with its current value and description,
+taken from the comment that follows the field in its source.
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from model.llama import LlamaConfig
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"  # a known corpus name (shakespeare), or a path: file, directory or glob of .txt/.jsonl/.jsonl.zst
+    files: str = "*"  # comma-separated glob(s) on file names to keep inside the corpus, e.g. "*_gut.txt"
+    shard_dir: str = ""  # where token shards live; "" = data/cache/shards/<corpus>-<tokenizer>; prepared when missing
+    tokenizer: str = "gpt2"  # tokenizer name (gpt2: tiktoken r50k from data/assets)
+    val_fraction: float = 0.05  # fraction of documents held out for validation
+    text_key: str = "text"  # JSON field holding a document's text in .jsonl corpora
+    prepare_workers: int = 2  # processes used to tokenise the corpus
+    seq_len: int = 256  # tokens per training sequence (context length)
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only (not norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "onecycle", "wsd", "constant"] = "cosine"  # LR schedule: warmup+cosine, one-cycle cosine, warmup-stable-decay, warmup+constant
+    warmup_steps: int = 100  # linear warm-up steps (cosine, wsd, constant); the rise of one-cycle
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: fraction of max_steps spent in the final decay
+    decay_shape: Literal["linear", "sqrt"] = "linear"  # wsd: decay to the minimum linearly or as 1-sqrt
+    div_factor: float = 25.0  # onecycle: the LR starts at lr / div_factor and rises (cosine) to lr
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
+    batches: int = 20  # validation batches per evaluation
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # console line and metrics.jsonl record every N steps
+    wandb_project: str = ""  # log to Weights & Biases under this project when set (WANDB_MODE=offline works)
+    wandb_run: str = ""  # wandb run name; "" = the out_dir's name
+
+
+@dataclass
+class CkptConfig:
+    interval: int = 500  # save a checkpoint every N steps (and at the end); 0 = only at the end
+    keep_last: int = 2  # keep the newest K checkpoints
+    resume: bool = True  # resume from out_dir/ckpt/latest when it exists
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"  # run directory: config.json, metrics.jsonl, ckpt/
+    seed: int = 1337  # seed for initialisation and data order
+    max_steps: int = 1000  # optimizer steps to train for
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast dtype: auto = bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    on_nan: Literal["stop", "skip"] = "stop"  # non-finite loss or grad norm: stop the run, or skip that step
+    max_skipped_steps: int = 10  # on_nan=skip: stop after this many consecutive skipped steps
+    sample_every: int = 0  # print a sample from the model every N steps; 0 = never
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+    def validate(self) -> None:
+        for key, value in flatten(self).items():
+            check_value(self, key, value)
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        for key in ("data.seq_len", "data.batch_size", "data.grad_accum", "log.interval"):
+            if get_key(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {get_key(self, key)}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                              f"lower --data.seq_len or raise --model.max_seq_len")
+        if hasattr(self.model, "validate"):
+            try:
+                self.model.validate()
+            except ValueError as e:
+                raise ConfigError(f"model config: {e}") from None
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- keys and values
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{'optim.lr': 3e-4, 'model.rope_scaling.type': 'none', ...} for every leaf field."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _owner_and_type(cfg: Any, key: str) -> tuple[Any, str, Any]:
+    *path, name = key.split(".")
+    owner = cfg
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name, typing.get_type_hints(type(owner))[name]
+
+
+def parse_value(key: str, text: str, typ: Any) -> Any:
+    """Parse `text` to `typ` (bool, int, float, str, Literal[...], Optional[...]); ConfigError if it does not fit."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        return parse_value(key, text, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if text not in args:
+            close = difflib.get_close_matches(text, [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--{key}={text!r} is not one of {list(args)}{hint}")
+        return text
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={text!r} is not a bool (use true or false)")
+    try:
+        if typ is int:
+            value = float(text.replace("_", ""))
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text!r} is not a valid {typ.__name__}") from None
+    if typ is str:
+        return text
+    raise ConfigError(f"--{key} has type {typ}, which cannot be set from the command line")
+
+
+def check_value(cfg: Any, key: str, value: Any) -> None:
+    """Type-check a value already in the config (a config file may set a wrong type too)."""
+    _, _, typ = _owner_and_type(cfg, key)
+    if typing.get_origin(typ) is Literal:
+        if value not in typing.get_args(typ):
+            raise ConfigError(f"{key}={value!r} is not one of {list(typing.get_args(typ))}")
+        return
+    if typ in (int, str, bool) and not (type(value) is typ):
+        raise ConfigError(f"{key}={value!r} should be a {typ.__name__}, got {type(value).__name__}")
+    if typ is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} should be a float, got {type(value).__name__}")
+
+
+def set_key(cfg: Any, key: str, text: str) -> None:
+    valid = flatten(cfg)
+    if key not in valid:
+        sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+        if key in sections:
+            raise ConfigError(f"--{key} is a section, not a key; set its fields, e.g. --{key}.{next(k for k in valid if k.startswith(key + '.')).split('.')[-1]}=...")
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+        if not close:  # fall back to keys sharing the last component
+            close = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]][:3]
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key --{key}{hint} (python train.py CONFIG --help lists every key)")
+    owner, name, typ = _owner_and_type(cfg, key)
+    setattr(owner, name, parse_value(key, text, typ))
+
+
+def apply_overrides(cfg: Any, argv: list[str]) -> None:
+    """Apply `--a.b=value` / `--a.b value` arguments in order."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --optim.lr=1e-3")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value, e.g. {arg}=VALUE")
+            key, text = arg[2:], argv[i + 1]
+            i += 2
+        set_key(cfg, key.replace("-", "_"), text)
+
+
+# ----------------------------------------------------------------------------- loading and help
+
+def load_config(path: str, argv: list[str] = ()) -> TrainConfig:
+    """Run the config file, take its `config`, apply overrides, validate."""
+    file = Path(path)
+    if not file.is_file():
+        others = sorted(p.name for p in Path("configs").glob("*.py") if p.name != "__init__.py")
+        raise ConfigError(f"config file {path!r} not found; available: {', '.join(others)}")
+    spec = importlib.util.spec_from_file_location(f"_nanoforge_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = getattr(module, "config", None)
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{path} must define `config = TrainConfig(...)`, found {type(cfg).__name__}")
+    apply_overrides(cfg, list(argv))
+    cfg.validate()
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.M))
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, current value, description) for every leaf field, in declaration order."""
+    docs = field_docs(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+    return rows
+
+
+def help_text(cfg: TrainConfig, path: str) -> str:
+    rows = describe(cfg)
+    width = max(len(k) + len(repr(v)) for k, v, _ in rows) + 4
+    lines = [f"usage: python train.py {path} [--key=value ...]", "", "keys (current value) and what they do:"]
+    lines += [f"  --{k}={v!r}".ljust(width + 4) + f"  {d}" for k, v, d in rows]
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict` output, e.g. a run's config.json."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, typ = data[f.name], hints[f.name]
+        kwargs[f.name] = from_dict(typ, value) if dataclasses.is_dataclass(typ) else value
+    return cls(**kwargs)
+
+
+def parse_cli(argv: list[str]) -> TrainConfig:
+    """`train.py CONFIG [--key=value ...] [--help]`."""
+    if not argv or argv[0].startswith("-"):
+        print("usage: python train.py configs/NAME.py [--key=value ...]   (--help after the config lists the keys)")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    path, rest = argv[0], argv[1:]
+    try:
+        if "--help" in rest or "-h" in rest:
+            cfg = load_config(path, [a for a in rest if a not in ("--help", "-h")])
+            print(help_text(cfg, path))
+            sys.exit(0)
+        return load_config(path, rest)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None

@@ -1,0 +1,37 @@
+"""Validation loss, perplexity and token accuracy over a stream of (x, y) batches."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, device: torch.device) -> dict:
+    """Mean loss over every learnable token of up to `max_batches` batches (0 = all of them).
+
+    `batches` is a TokenLoader (reset first, read sequentially) or any iterable of (x, y) pairs. Positions
+    labelled -100 count nowhere. Returns val_loss, val_ppl = exp(val_loss), val_token_acc, val_tokens.
+    """
+    if hasattr(batches, "reset"):
+        loader = batches
+        loader.reset()
+        available = max(1, loader.n_windows // loader.batch_size)  # sequential: never wrap around
+        n = available if max_batches <= 0 else min(max_batches, available)
+        batches = (loader.next_batch() for _ in range(n))
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = n_correct = 0
+    for i, (x, y) in enumerate(batches):
+        if max_batches > 0 and i >= max_batches:
+            break
+        out = model(x.to(device), labels=y.to(device))
+        loss_sum += out.loss_sum.double()
+        n_tokens += int(out.n_tokens)
+        n_correct += int(out.n_correct)
+    model.train(was_training)
+    loss = (loss_sum / max(n_tokens, 1)).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_token_acc": n_correct / max(n_tokens, 1),
+            "val_tokens": n_tokens}

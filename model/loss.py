@@ -49,16 +49,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         loss_sum = torch.where(learnable, row_loss, 0.0).sum()
         n_correct = ((argmax == labels) & learnable).sum()
         ctx.save_for_backward(logits, target, learnable)
-        ctx.reuse_logits, ctx.backward_done = reuse_logits, False
+        ctx.reuse_logits = reuse_logits
         ctx.mark_non_differentiable(n_correct)
         return loss_sum, n_correct
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_n_correct: Tensor):
+        # with reuse_logits, a second backward through the same graph fails autograd's version check right here
         logits, target, learnable = ctx.saved_tensors
-        if ctx.reuse_logits and ctx.backward_done:
-            raise RuntimeError("lm_loss(reuse_logits=True): the logits were overwritten by the first backward")
-        ctx.backward_done = True
         grad = logits if ctx.reuse_logits else torch.empty_like(logits)  # (N, V) in the logits' dtype
         scale = (grad_loss.float() * learnable)[:, None]  # (N, 1): d loss / d row_loss, 0 on ignored rows
         step = _rows_per_chunk(logits)

@@ -28,7 +28,7 @@ class WeightMismatchError(ValueError):
 
         listing("missing from the checkpoint", missing)
         listing("unexpected in the checkpoint", unexpected)
-        listing("wrong shape", [f"{name}: checkpoint {list(found)} vs model {list(expected)}"
+        listing("mis-shaped", [f"{name}: checkpoint {list(found)} vs model {list(expected)}"
                                 for name, found, expected in mismatched])
         super().__init__("\n".join(lines))
 

@@ -11,16 +11,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # test-only oracle (requirements-test.txt)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import LLAMA_CONFIGS, Llama, LlamaConfig, build_model
+from model import loss as loss_module
 from model.llama import HF_KEY_MAP, RopeScaling, config_from_hf
-from model.loss import lm_loss
+from model.loss import lm_loss, lm_loss_ref
 from model.rope import rope_inv_freq
 from model.weights import WeightMismatchError, check_tensors, key_mapper, load_safetensors, save_safetensors
-
-transformers = pytest.importorskip("transformers")  # test-only dependency (requirements-test.txt)
 
 LOGITS_ATOL = 1e-5
 GRAD_RTOL = 1e-5  # max |ours - theirs| / max |theirs|, per tensor
@@ -176,43 +176,89 @@ def test_config_validate_names_the_bad_field():
 # ---------------------------------------------------------------------------------------------------------- loss
 
 
-def test_lm_loss_matches_cross_entropy_and_ignores_masked_positions():
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, None])  # None: the real chunking (one chunk at this size)
+@pytest.mark.parametrize("reuse_logits", [False, True])
+def test_lm_loss_matches_cross_entropy_and_ignores_masked_positions(rows_per_chunk, reuse_logits, monkeypatch):
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(loss_module, "_rows_per_chunk", lambda logits: rows_per_chunk)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 11, 37, generator=g, dtype=torch.float64).float()  # (B, T, V)
+    logits = 3 * torch.randn(3, 11, 37, generator=g)  # (B, T, V)
     labels = torch.randint(0, 37, (3, 11), generator=g)
     labels[0, :5] = -100
     labels[2, 3] = -100
-    # make every ignored position "correct" by its argmax and its loss huge: neither may leak into the sums
+    # every ignored position "correct" by its argmax and with a huge loss: neither may leak into the sums
     logits[labels == -100] = 0.0
     logits[..., 0][labels == -100] = 1000.0
-    labels_hit = labels.clone()
-    labels_hit[1, 2] = logits[1, 2].argmax()  # at least one learnable hit
-    out = lm_loss(logits, labels_hit)
-    keep = labels_hit != -100
-    reference = F.cross_entropy(logits[keep].double(), labels_hit[keep], reduction="sum")
+    labels[1, 2] = logits[1, 2].argmax()  # at least one learnable hit
+    keep = labels != -100
+
+    x = logits.clone().requires_grad_()
+    out = lm_loss(x * 1.0, labels, reuse_logits=reuse_logits)  # x * 1.0: a non-leaf, as the model's logits are
+    out.loss_sum.backward()
+    x64 = logits.double().requires_grad_()
+    reference = F.cross_entropy(x64[keep], labels[keep], reduction="sum")
+    reference.backward()
     assert out.loss_sum.dtype == torch.float32 and out.n_tokens.dtype == out.n_correct.dtype == torch.int64
     assert out.n_tokens.item() == keep.sum().item() == 27
+    assert abs(out.loss_sum.item() - reference.item()) <= 1e-6 * reference.item()
+    assert out.n_correct.item() == (logits[keep].argmax(-1) == labels[keep]).sum().item() >= 1
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=0)
+    assert (x.grad[~keep] == 0).all()
+    ref = lm_loss_ref(logits, labels)  # the plain F.cross_entropy version agrees too
+    assert abs(ref.loss_sum.item() - reference.item()) <= 1e-6 * reference.item()
+    assert (ref.n_tokens.item(), ref.n_correct.item()) == (out.n_tokens.item(), out.n_correct.item())
+
+
+@pytest.mark.parametrize("rows_per_chunk", [5, None])
+def test_lm_loss_bf16_logits_computed_in_fp32(rows_per_chunk, monkeypatch):
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(loss_module, "_rows_per_chunk", lambda logits: rows_per_chunk)
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 9, 300, generator=g)).bfloat16()  # (B, T, V)
+    labels = torch.randint(0, 300, (2, 9), generator=g)
+    labels[1, -3:] = -100
+    x = logits.clone().requires_grad_()
+    out = lm_loss(x * 1, labels, reuse_logits=True)
+    out.loss_sum.backward()
+    x32 = logits.float().requires_grad_()  # reference: fp32 on the same (bf16-rounded) values
+    reference = F.cross_entropy(x32.reshape(-1, 300), labels.reshape(-1), reduction="sum")
+    reference.backward()
+    assert out.loss_sum.dtype == torch.float32
     assert abs(out.loss_sum.item() - reference.item()) <= 1e-5 * reference.item()
-    assert out.n_correct.item() == (logits[keep].argmax(-1) == labels_hit[keep]).sum().item() >= 1
-    # bf16 logits: the cross-entropy itself still runs in fp32 over the (rounded) bf16 values
-    out16 = lm_loss(logits.bfloat16(), labels_hit)
-    ref16 = F.cross_entropy(logits.bfloat16()[keep].double(), labels_hit[keep], reduction="sum")
-    assert out16.loss_sum.dtype == torch.float32 and abs(out16.loss_sum.item() - ref16.item()) <= 1e-5 * ref16.item()
+    assert x.grad.dtype == torch.bfloat16  # the gradient is only rounded to bf16 at the end: <= 2^-9 relative
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=1e-6, rtol=2**-8)
+
+
+def test_lm_loss_accuracy_is_argmax_with_ties_going_to_the_first_index():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, :, 1] = logits[0, :, 3] = 2.0  # tied maximum at ids 1 and 3: argmax is 1
+    out = lm_loss(logits, torch.tensor([[1, 3, 3, 0]]))
+    assert out.n_correct.item() == 1 == lm_loss_ref(logits, torch.tensor([[1, 3, 3, 0]])).n_correct.item()
 
 
 def test_lm_loss_all_ignored_is_zero_with_zero_finite_grad():
-    logits = torch.randn(2, 5, 13, requires_grad=True)
-    out = lm_loss(logits, torch.full((2, 5), -100))
-    assert out.loss_sum.item() == 0.0 and out.n_tokens.item() == 0 and out.n_correct.item() == 0
-    out.loss_sum.backward()
-    assert torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
+    for reuse_logits in (False, True):
+        logits = torch.randn(2, 5, 13, requires_grad=True)
+        out = lm_loss(logits * 1.0, torch.full((2, 5), -100), reuse_logits=reuse_logits)
+        assert out.loss_sum.item() == 0.0 and out.n_tokens.item() == 0 and out.n_correct.item() == 0
+        out.loss_sum.backward()
+        assert torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
 
 
-def test_lm_loss_custom_ignore_index():
+def test_lm_loss_custom_ignore_index_and_no_grad():
     logits = torch.zeros(1, 4, 5)
     logits[0, :, 3] = 5.0  # argmax 3 everywhere
-    out = lm_loss(logits, torch.tensor([[3, 3, 1, 2]]), ignore_index=3)
-    assert out.n_tokens.item() == 2 and out.n_correct.item() == 0
+    with torch.no_grad():
+        out = lm_loss(logits, torch.tensor([[3, 3, 1, 2]]), ignore_index=3)
+    assert out.n_tokens.item() == 2 and out.n_correct.item() == 0 and out.loss_sum.grad_fn is None
+
+
+def test_lm_loss_reuse_logits_refuses_a_second_backward():
+    logits = torch.randn(1, 3, 7, requires_grad=True)
+    out = lm_loss(logits * 1.0, torch.tensor([[1, 2, 3]]), reuse_logits=True)
+    out.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss_sum.backward()
 
 
 # ------------------------------------------------------------------------------------------ init and counting
@@ -247,6 +293,20 @@ def test_meta_build_then_init_weights(tied):
     torch.testing.assert_close(model.inv_freq, rope_inv_freq(32), rtol=0, atol=0)
     logits = model(torch.randint(0, 1000, (2, 8)))
     assert logits.shape == (2, 8, 1000) and torch.isfinite(logits).all()
+
+
+def test_dtype_cast_keeps_tie_and_fp32_rope_and_build_model_rejects_unknown_configs():
+    model = small_model(tied=True)
+    idx = torch.randint(0, 50, (2, 12))
+    logits32 = model(idx)
+    model.to(torch.bfloat16)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(8))
+    logits16 = model(idx)
+    assert logits16.dtype == torch.bfloat16
+    assert (logits16.float() - logits32).abs().max().item() <= 0.05 * logits32.abs().max().item()
+    with pytest.raises(TypeError, match="no model for config type"):
+        build_model(RopeScaling())
 
 
 @pytest.mark.parametrize("family,tied", [("llama", True), ("llama", False), ("qwen2", True)])
@@ -332,7 +392,7 @@ def test_load_names_missing_unexpected_and_misshaped_tensors_before_copying(tmp_
     message = str(info.value)
     assert "layers.1.mlp.w_up.weight" in message and "missing" in message
     assert "layers.0.attn.wq.bias" in message and "unexpected" in message
-    assert "layers.0.attn.wk.weight: checkpoint [32, 32] vs model [16, 32]" in message
+    assert "mis-shaped" in message and "layers.0.attn.wk.weight: checkpoint [32, 32] vs model [16, 32]" in message
     assert info.value.missing == ["layers.1.mlp.w_up.weight"]
     assert info.value.unexpected == ["layers.0.attn.wq.bias"]
     assert [m[0] for m in info.value.mismatched] == ["layers.0.attn.wk.weight"]

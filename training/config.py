@@ -9,6 +9,7 @@ names it and the closest valid keys. `--help` lists every key with its current v
 taken from the comment that follows the field in its source.
 """
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -243,6 +244,7 @@ def load_config(path: str, argv: list[str] = ()) -> TrainConfig:
     cfg = getattr(module, "config", None)
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"{path} must define `config = TrainConfig(...)`, found {type(cfg).__name__}")
+    cfg = copy.deepcopy(cfg)  # a config may share objects with others (e.g. LLAMA_CONFIGS entries): never mutate those
     apply_overrides(cfg, list(argv))
     cfg.validate()
     return cfg

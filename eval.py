@@ -71,7 +71,7 @@ def main(argv: list[str]) -> dict:
     else:
         raise SystemExit(f"--data {data} does not exist (give a token-shard dir or a text file)")
     with autocast_context(args.dtype, device):
-        r = evaluate(model, batches, args.batches, device)
+        r = evaluate(model, batches, args.batches, device, progress=True)
     result = {"task": args.task, "ckpt": str(resolve(args.ckpt)), "data": str(data), "loss": r["val_loss"],
               "ppl": r["val_ppl"], "token_acc": r["val_token_acc"], "tokens": r["val_tokens"]}
     print(json.dumps(result))

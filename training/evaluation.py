@@ -4,22 +4,27 @@ import math
 from collections.abc import Iterable
 
 import torch
+from tqdm import tqdm
 from torch import nn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, device: torch.device) -> dict:
+def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, device: torch.device,
+             progress: bool = False) -> dict:
     """Mean loss over every learnable token of up to `max_batches` batches (0 = all of them).
 
     `batches` is a TokenLoader (reset first, read sequentially) or any iterable of (x, y) pairs. Positions
     labelled -100 count nowhere. Returns val_loss, val_ppl = exp(val_loss), val_token_acc, val_tokens.
+    progress=True shows a progress bar (eval.py; train.py's periodic evaluations stay quiet).
     """
+    total = max_batches or None
     if hasattr(batches, "reset"):
         loader = batches
         loader.reset()
         available = max(1, loader.n_windows // loader.batch_size)  # sequential: never wrap around
-        n = available if max_batches <= 0 else min(max_batches, available)
-        batches = (loader.next_batch() for _ in range(n))
+        total = available if max_batches <= 0 else min(max_batches, available)
+        batches = (loader.next_batch() for _ in range(total))
+    batches = tqdm(batches, desc="evaluating", unit="batch", total=total, disable=not progress)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -3,9 +3,11 @@
     python eval.py --ckpt out/shakespeare/ckpt/latest --task ppl                  # the run's validation shards
     python eval.py --ckpt out/shakespeare --task ppl --data some.txt              # a text file
     python eval.py --ckpt out/shakespeare --task ppl --data data/cache/shards/X --split train
+    python eval.py --ckpt hf/SmolLM2-135M-Instruct --task ppl --data passage.txt    # an HF dir or .gguf too
 
 --data is a token-shard directory (made by data/prepare.py; --split picks train or val) or a text file,
-which is tokenised with the checkpoint's tokenizer and cut into windows of the training sequence length.
+which is tokenised with the checkpoint's tokenizer and cut into windows of the training sequence length (for an
+HF directory or GGUF file, which has no run: --data is a text file, windows of min(1024, context) tokens).
 """
 
 import argparse
@@ -16,8 +18,9 @@ from pathlib import Path
 import torch
 
 from data.loader import TokenLoader
-from data.tokenizer import get_tokenizer
 from data.prepare import default_shard_dir
+from data.tokenizer import load_tokenizer
+from generate import load_for_inference
 from training.checkpoint import load_model, resolve
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
@@ -42,7 +45,8 @@ def text_batches(path: Path, tokenizer, seq_len: int, batch_size: int):
 
 def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint dir, its ckpt/ parent, or the run dir")
+    ap.add_argument("--ckpt", required=True, help="checkpoint dir, its ckpt/ parent, the run dir, an HF model dir "
+                                                  "or a .gguf file")
     ap.add_argument("--task", default="ppl", choices=["ppl"], help="ppl: loss, perplexity and token accuracy")
     ap.add_argument("--data", default="", help="token-shard dir or text file (default: the run's own shards)")
     ap.add_argument("--split", default="val", choices=["train", "val"], help="split of a shard dir")
@@ -54,6 +58,21 @@ def main(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
+    try:
+        source = str(resolve(args.ckpt))
+    except FileNotFoundError:
+        source = None
+    if source is None:  # a pretrained model: no run, no shards
+        if not args.data or not Path(args.data).is_file():
+            raise SystemExit(f"{args.ckpt} is not a nanoforge checkpoint; evaluating a pretrained model needs "
+                             f"--data pointing at a text file")
+        model, tokenizer = load_for_inference(args.ckpt, device, "fp32")
+        seq_len = args.seq_len or min(1024, model.config.max_seq_len)
+        batches = text_batches(Path(args.data), tokenizer, seq_len, args.batch_size or 1)
+        with autocast_context(args.dtype, device):
+            r = evaluate(model, batches, args.batches, device, progress=True)
+        return report(args.task, args.ckpt, args.data, r)
+
     model, cfg = load_model(args.ckpt, device)
     seq_len = args.seq_len or cfg.data.seq_len
     batch_size = args.batch_size or cfg.data.batch_size
@@ -67,13 +86,17 @@ def main(argv: list[str]) -> dict:
             raise SystemExit(f"{data} was tokenised with {batches.meta['tokenizer']!r} but the model was trained "
                              f"with {cfg.data.tokenizer!r}; prepare the data with --tokenizer {cfg.data.tokenizer}")
     elif data.is_file():
-        batches = text_batches(data, get_tokenizer(cfg.data.tokenizer), seq_len, batch_size)
+        batches = text_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, batch_size)
     else:
         raise SystemExit(f"--data {data} does not exist (give a token-shard dir or a text file)")
     with autocast_context(args.dtype, device):
         r = evaluate(model, batches, args.batches, device, progress=True)
-    result = {"task": args.task, "ckpt": str(resolve(args.ckpt)), "data": str(data), "loss": r["val_loss"],
-              "ppl": r["val_ppl"], "token_acc": r["val_token_acc"], "tokens": r["val_tokens"]}
+    return report(args.task, source, data, r)
+
+
+def report(task: str, source: str, data, r: dict) -> dict:
+    result = {"task": task, "ckpt": str(source), "data": str(data), "loss": r["val_loss"], "ppl": r["val_ppl"],
+              "token_acc": r["val_token_acc"], "tokens": r["val_tokens"]}
     print(json.dumps(result))
     return result
 

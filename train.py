@@ -18,9 +18,10 @@ import torch
 
 from data.loader import TokenLoader
 from data.prepare import default_shard_dir, ensure_prepared
-from data.tokenizer import get_tokenizer
+from data.tokenizer import load_tokenizer
 from generate import sample
 from model import build_model
+from model.hf import config_from_pretrained, load_pretrained_weights, resolve_model_dir
 from model.weights import WeightMismatchError, load_safetensors
 from training import checkpoint
 from training.config import TrainConfig, parse_cli, to_dict
@@ -49,6 +50,13 @@ def main(argv: list[str]) -> dict:
     autocast = autocast_context(cfg.dtype, device)
     out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.init_from:  # the pretrained model's own shape (and, with tokenizer "auto", its own tokenizer)
+        cfg.model = config_from_pretrained(cfg.init_from, rope_theta=cfg.init_rope_theta or None,
+                                           max_seq_len=cfg.init_max_seq_len or None,
+                                           attn_backend=cfg.model.attn_backend)
+        cfg.validate()
+    if cfg.data.tokenizer == "auto":
+        cfg.data.tokenizer = str(resolve_model_dir(cfg.init_from)) if cfg.init_from else "gpt2"
 
     # ---- data: token shards (prepared on first use), a shuffled train stream and a sequential val stream
     d = cfg.data
@@ -59,7 +67,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(f"tokenizer {meta['tokenizer']!r} has {meta['vocab_size']} ids but model.vocab_size is "
                          f"{cfg.model.vocab_size}; set --model.vocab_size to at least {meta['vocab_size']} "
                          f"(a multiple of 64, e.g. {-(-meta['vocab_size'] // 64) * 64}, is fastest)")
-    tokenizer = get_tokenizer(meta["tokenizer"])
+    tokenizer = load_tokenizer(d.tokenizer)
     train_data = TokenLoader(shard_dir, "train", d.batch_size, d.seq_len, seed=cfg.seed)
     val_data = TokenLoader(shard_dir, "val", d.batch_size, d.seq_len, shuffle=False)
     if train_data.n_long_docs:
@@ -78,6 +86,9 @@ def main(argv: list[str]) -> dict:
         except WeightMismatchError as e:
             raise SystemExit(f"cannot resume from {ckpt}: its weights do not fit this config's model.\n{e}\n"
                              f"use a new --out_dir, or --ckpt.resume=false to start over in this one") from None
+    elif cfg.init_from:
+        load_pretrained_weights(model, cfg.init_from)
+        print(f"model: weights from {cfg.init_from}")
     else:
         torch.manual_seed(cfg.seed)
         model.init_weights()
@@ -173,7 +184,7 @@ def main(argv: list[str]) -> dict:
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.max_steps:
             run_eval()
         if cfg.sample_every and step % cfg.sample_every == 0:
-            print("sample:", sample(fwd, tokenizer, "\n", 48, device, seed=step))
+            print("sample:", sample(model, tokenizer, "\n", 48, device, seed=step))
         if cfg.ckpt.interval and step % cfg.ckpt.interval == 0 and step < cfg.max_steps:
             save()
         t_window += time.perf_counter() - t_side

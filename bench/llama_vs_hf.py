@@ -1,4 +1,5 @@
-"""Training-step throughput of our Llama against transformers' LlamaForCausalLM: same config, same weights, same
+"""Training-step throughput of our Llama against transformers' LlamaForCausalLM (Qwen2ForCausalLM for a
+qkv_bias config): same config, same weights, same
 machine, same run. One step = forward + loss + backward. Prints tokens/s for each and the ratio ours / HF.
 
     python -m bench.llama_vs_hf                                  # small default config on CPU, fp32
@@ -10,9 +11,7 @@ machine that slows down or speeds up during the run affects both alike. On a GPU
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python bench/llama_vs_hf.py): make the repo root importable
@@ -21,29 +20,11 @@ if __package__ in (None, ""):  # run as a script (python bench/llama_vs_hf.py): 
 import torch
 import transformers
 
+from bench.common import hf_twin, time_alternating
 from model import LLAMA_CONFIGS, Llama, LlamaConfig, build_model
-from model.llama import HF_KEY_MAP
-from model.weights import key_mapper
 
 # default: small enough for a 2-core CPU, with a real-size vocabulary so the output head weighs what it does
 SMALL = LlamaConfig(vocab_size=50304, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768, max_seq_len=1024)
-
-
-def hf_config_from(config: LlamaConfig) -> dict:
-    """HF LlamaConfig kwargs for our config (inverse of model.llama.config_from_hf, llama only)."""
-    if config.qkv_bias:
-        raise SystemExit("this benchmark compares against LlamaForCausalLM, which has no q/k/v-only bias")
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    s = config.rope_scaling
-    if s.type == "linear":
-        rope.update(rope_type="linear", factor=s.factor)
-    elif s.type == "llama3":
-        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len)
-    return dict(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-                num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-                num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps, rope_parameters=rope,
-                max_position_embeddings=config.max_seq_len, tie_word_embeddings=config.tie_embeddings)
 
 
 def build_pair(config: LlamaConfig, device: str, dtype: torch.dtype) -> tuple[Llama, torch.nn.Module]:
@@ -51,22 +32,7 @@ def build_pair(config: LlamaConfig, device: str, dtype: torch.dtype) -> tuple[Ll
     ours.to_empty(device=device)
     ours.init_weights()
     ours.to(dtype)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_from(config),
-                                                                attn_implementation="sdpa"))
-    hf.to(device=device, dtype=dtype)
-    to_hf = key_mapper(HF_KEY_MAP, inverse=True)
-    missing, unexpected = hf.load_state_dict({to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise SystemExit(f"weight transfer to HF failed: missing {missing}, unexpected {unexpected}")
-    if config.tie_embeddings:
-        hf.tie_weights()
-    return ours, hf
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return ours, hf_twin(ours).train()
 
 
 def main() -> None:
@@ -106,17 +72,14 @@ def main() -> None:
     def step_hf() -> None:
         hf(input_ids=idx, labels=idx).loss.backward()
 
-    steps = {"ours": (ours, step_ours), "hf": (hf, step_hf)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(args.warmup + args.iters):
-        for name, (model, step) in steps.items():
+    def zeroed(model, step):
+        def run() -> None:
             model.zero_grad(set_to_none=True)
-            sync(args.device)
-            t0 = time.perf_counter()
             step()
-            sync(args.device)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+        return run
+
+    steps = {"ours": zeroed(ours, step_ours), "hf": zeroed(hf, step_hf)}
+    medians = time_alternating(steps, args.warmup, args.iters, args.device)
 
     tokens = args.batch * args.seq
     print(f"config: {args.size} {config}")
@@ -127,7 +90,7 @@ def main() -> None:
     print(f"{args.warmup} warmup + {args.iters} timed steps (forward + loss + backward) each, alternating")
     tok_s = {}
     for name in steps:
-        med = statistics.median(times[name])
+        med = medians[name]
         tok_s[name] = tokens / med
         line = f"  {name:>4}: median {med * 1e3:8.1f} ms/step  {tok_s[name]:10.0f} tokens/s"
         if args.device.startswith("cuda"):

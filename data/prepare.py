@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ import zstandard
 from tqdm import tqdm
 
 from data.corpora import resolve_corpus
-from data.tokenizer import Tokenizer, get_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 META_VERSION = 1
 SUFFIXES = (".txt", ".jsonl", ".jsonl.zst")
@@ -126,7 +127,7 @@ _worker_tokenizer: Tokenizer | None = None  # one per worker process, built by _
 
 def _init_worker(tokenizer: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = get_tokenizer(tokenizer)
+    _worker_tokenizer = load_tokenizer(tokenizer)
 
 
 def encode_file(job: tuple[str, str]) -> FileTokens:
@@ -222,7 +223,7 @@ def prepare(corpus: str, out_dir: str, tokenizer: str = "gpt2", files: str = "*"
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    tok = get_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     root = resolve_corpus(corpus)
     paths, n_other = list_files(root, files)
     skipped = f" ({n_other} matching file(s) of other types skipped)" if n_other else ""
@@ -248,7 +249,7 @@ def prepare(corpus: str, out_dir: str, tokenizer: str = "gpt2", files: str = "*"
         stats["n_other_files_skipped"] = n_other
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         stats["tokens_per_s"] = round(stats["n_tokens"] / max(stats["seconds"], 1e-9))
-        meta = {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        meta = {"version": META_VERSION, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                 "dtype": token_dtype(tok.vocab_size).name, "shard_tokens": shard_tokens, "splits": splits,
                 "stats": stats, "source": {"corpus": corpus, "path": str(root), "files": files,
                                            "text_key": text_key, "val_fraction": val_fraction}}
@@ -276,7 +277,8 @@ def default_shard_dir(corpus: str, files: str, tokenizer: str, val_fraction: flo
     """data/cache/shards/<corpus>-<tokenizer>-<hash of every setting that changes the shards>."""
     key = json.dumps([corpus, files, tokenizer, val_fraction, text_key])
     name = Path(corpus.rstrip("/*")).name or "corpus"
-    return f"data/cache/shards/{name}-{tokenizer}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    tok_name = re.sub(r"[^\w.-]+", "_", Path(tokenizer.rstrip("/")).name)  # a name, or a model dir's last part
+    return f"data/cache/shards/{name}-{tok_name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def ensure_prepared(corpus: str, shard_dir: str, tokenizer: str = "gpt2", files: str = "*",

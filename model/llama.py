@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, attention
+from model.attention import BACKENDS, attention, causal_padding_mask
+from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
 from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -95,8 +96,9 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id  # its slot in a KVCache
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
         self.head_dim = config.dim // config.n_heads
         self.backend = config.attn_backend
@@ -105,14 +107,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, n_heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)
+        y = attention(q, k, v, causal=mask is None, mask=mask, backend=self.backend)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
 
@@ -132,15 +137,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer_id)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)  # (B, T, dim)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)  # (B, T, dim)
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, dim)
         return x
 
@@ -151,7 +157,7 @@ class Llama(nn.Module):
         config.validate()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -213,25 +219,40 @@ class Llama(nn.Module):
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
         self.init_buffers()
 
-    def forward(self, idx: Tensor, labels: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor | LossOutput:
+    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor | LossOutput:
         """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
 
-        position_ids (B, T) default to 0..T-1 for every row; packed batches pass positions that restart at each
-        document (they set the rotary angles only: attention is causal over the whole row).
+        position_ids (B, T) default to 0..T-1 for every row (past..past+T-1 with a cache); packed batches pass
+        positions that restart at each document (they set the rotary angles only: attention is causal over the
+        whole row). cache: a KVCache that this call reads and extends (generation). attention_mask
+        (B, past + T): 1 for real tokens, 0 for padding, which no query attends (left-padded prompts).
         """
         B, T = idx.shape
+        past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)  # (B or 1, T, head_dim / 2), fp32
+        mask = None  # plain causal attention, unless there are cached keys or padding
+        if past > 0 or attention_mask is not None:
+            mask = causal_padding_mask(past, T, attention_mask, idx.device)  # (B or 1, 1, T, past + T)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin)  # (B, T, dim)
+            x = layer(x, cos, sin, cache, mask)  # (B, T, dim)
+        if cache is not None:
+            cache.advance(T)
         x = self.norm(x)  # (B, T, dim)
         logits = self.output(x)  # (B, T, vocab_size)
         if labels is None:
             return logits
         return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
+        c = self.config
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.dim // c.n_heads, max_len, dtype,
+                       self.tok_embeddings.weight.device)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of unique parameters (a tied embedding counts once). non_embedding=True leaves out the token
@@ -334,3 +355,40 @@ def config_from_hf(hf_config: dict) -> LlamaConfig:
     )
     config.validate()
     return config
+
+
+def config_to_hf(config: LlamaConfig) -> dict:
+    """The Hugging Face config.json dict of this config (the inverse of config_from_hf): Qwen2 when the model has
+    q/k/v biases, else Llama. RoPE is written as top-level `rope_theta` + `rope_scaling`, which every
+    transformers version reads (5.x also reads its own `rope_parameters` from it)."""
+    s = config.rope_scaling
+    rope_scaling = None
+    if s.type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": s.factor}
+    elif s.type == "llama3":
+        rope_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                        "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
+    family = "qwen2" if config.qkv_bias else "llama"
+    hf = {
+        "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.dim // config.n_heads,
+        "intermediate_size": config.ffn_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+    }
+    if family == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False)
+    return hf

@@ -69,7 +69,7 @@ def key_mapper(key_map: dict[str, str | None], inverse: bool = False) -> Callabl
     return rename
 
 
-def _tied_names(model: nn.Module) -> dict[str, str]:
+def tied_names(model: nn.Module) -> dict[str, str]:
     """{alias: canonical} for parameters registered under several names (a tied output head -> embedding)."""
     canonical_of: dict[int, str] = {}
     aliases = {}
@@ -94,7 +94,7 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
     if isinstance(paths, str):
         paths = [paths]
     targets = dict(model.state_dict(keep_vars=True))  # our name -> Parameter / buffer (tied ones appear twice)
-    aliases = _tied_names(model)
+    aliases = tied_names(model)
     for name, tensor in targets.items():
         if tensor.is_meta:
             raise ValueError(f"load_safetensors: {name} is on the meta device; call model.to_empty(device=...) first")
@@ -141,7 +141,7 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
 def save_safetensors(model: nn.Module, path: str) -> None:
     """Save parameters and persistent buffers under our names as contiguous CPU tensors; a tied parameter is
     stored once, under its canonical (first registered) name."""
-    aliases = _tied_names(model)
+    aliases = tied_names(model)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
                if name not in aliases}
     save_file(tensors, path, metadata={"format": "pt"})

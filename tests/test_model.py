@@ -1,7 +1,7 @@
 """model/: parity with Hugging Face transformers (a test-only oracle), the loss, init, counts and safetensors I/O.
 
 Parity: a tiny random LlamaForCausalLM / Qwen2ForCausalLM is saved with save_pretrained, loaded into ours through
-config_from_hf + load_safetensors(HF_KEY_MAP), and compared in fp32: logits max abs diff <= 1e-5, then one backward
+model.hf.from_pretrained, and compared in fp32: logits max abs diff <= 1e-5, then one backward
 pass: the loss and every parameter gradient (matched through the key map) within 1e-5 relative.
 """
 
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from model import LLAMA_CONFIGS, Llama, LlamaConfig, build_model
 from model import loss as loss_module
+from model.hf import from_pretrained
 from model.llama import HF_KEY_MAP, RopeScaling, config_from_hf
 from model.loss import lm_loss, lm_loss_ref
 from model.rope import rope_inv_freq
@@ -53,13 +54,9 @@ def hf_model(family: str, tied: bool, rope: str, n_kv_heads: int, seed: int = 0)
 
 
 def load_ours(hf, tmp_path, backend: str) -> Llama:
+    """Through our loader, as a user would: HF's save_pretrained directory -> model.hf.from_pretrained."""
     hf.save_pretrained(tmp_path)
-    config = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
-    config.attn_backend = backend
-    model = build_model(config)
-    model.to_empty(device="cpu")
-    load_safetensors(model, [str(tmp_path / "model.safetensors")], key_map=key_mapper(HF_KEY_MAP))
-    return model
+    return from_pretrained(tmp_path, attn_backend=backend).train()
 
 
 def max_rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:

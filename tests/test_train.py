@@ -272,3 +272,35 @@ def test_torch_compile_matches_eager(tmp_path):
     # inductor fuses and reorders fp32 reductions; measured differences are ~1e-6 after 3 steps
     for s in range(1, 4):
         assert compiled[s] == pytest.approx(eager[s], rel=1e-4, abs=0)
+
+
+def test_fine_tune_from_hf_then_export_loads_in_transformers(tmp_path):
+    """init_from an HF directory -> train a few steps -> merge.py -> transformers gives our logits."""
+    import transformers  # test-only oracle
+
+    import merge as merge_script
+    from model.hf import from_pretrained
+
+    hf_config = transformers.LlamaConfig(vocab_size=50304, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=False, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 20000.0})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "base")
+    base = from_pretrained(tmp_path / "base")
+    result = run(tmp_path / "run", f"--init_from={tmp_path / 'base'}", "--data.tokenizer=gpt2", "--max_steps=3",
+                 "--init_max_seq_len=512")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["ffn_dim"] == 128 and saved["model"]["rope_theta"] == 20000.0  # the HF model's shape
+    assert saved["model"]["max_seq_len"] == 512 and saved["model"]["tie_embeddings"] is False
+    assert math.isfinite(result["val_loss"])
+
+    out = merge_script.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    tuned, _ = checkpoint.load_model(tmp_path / "run")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    x = torch.randint(0, 50257, (2, 20))
+    assert (back(x).logits - tuned(x)).abs().max().item() <= 1e-5
+    assert (tuned(x) - base(x)).abs().max().item() > 1e-3  # the export holds the fine-tuned weights
+    assert back.config.max_position_embeddings == 512
+    tok = transformers.AutoTokenizer.from_pretrained(out)  # the gpt2 tokenizer went along
+    assert tok("Hello world")["input_ids"] == [15496, 995]

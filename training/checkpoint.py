@@ -12,6 +12,7 @@ does `latest` move (a rename of a new symlink over the old one). A process kille
 `latest` on a complete checkpoint; stale temp directories are removed by the next save.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -107,10 +108,15 @@ def load_config(ckpt: Path) -> TrainConfig:
     return from_dict(TrainConfig, json.loads((ckpt / CONFIG_FILE).read_text()))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model a checkpoint was trained with and fill it with the checkpoint's weights."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides) -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the model a checkpoint was trained with and fill it with the checkpoint's weights.
+
+    overrides: model config fields that change no tensor shape (rope_theta, max_seq_len, attn_backend, ...);
+    None values are ignored."""
     ckpt = resolve(path)
     config = load_config(ckpt)
+    config.model = dataclasses.replace(config.model, **{k: v for k, v in overrides.items() if v is not None})
+    config.model.validate()
     model = build_model(config.model)
     model.to_empty(device=device)
     load_safetensors(model, [str(ckpt / MODEL_FILE)])

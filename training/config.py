@@ -29,7 +29,7 @@ class DataConfig:
     corpus: str = "shakespeare"  # a known corpus name (shakespeare), or a path: file, directory or glob of .txt/.jsonl/.jsonl.zst
     files: str = "*"  # comma-separated glob(s) on file names to keep inside the corpus, e.g. "*_gut.txt"
     shard_dir: str = ""  # where token shards live; "" = data/cache/shards/<corpus>-<tokenizer>; prepared when missing
-    tokenizer: str = "gpt2"  # tokenizer name (gpt2: tiktoken r50k from data/assets)
+    tokenizer: str = "auto"  # auto = init_from's own tokenizer, else gpt2; or a name (gpt2, cl100k_base, o200k_base, o200k_harmony), a model directory, a .tiktoken or SentencePiece .model file
     val_fraction: float = 0.05  # fraction of documents held out for validation
     text_key: str = "text"  # JSON field holding a document's text in .jsonl corpora
     prepare_workers: int = 2  # processes used to tokenise the corpus
@@ -89,6 +89,9 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"  # non-finite loss or grad norm: stop the run, or skip that step
     max_skipped_steps: int = 10  # on_nan=skip: stop after this many consecutive skipped steps
     sample_every: int = 0  # print a sample from the model every N steps; 0 = never
+    init_from: str = ""  # start from a Hugging Face model directory or .gguf file: its shape and weights replace `model` (model.attn_backend still applies)
+    init_rope_theta: float = 0.0  # with init_from: override the model's RoPE theta (raise it to extend the context); 0 = keep
+    init_max_seq_len: int = 0  # with init_from: override the model's context length; 0 = keep
     model: LlamaConfig = field(default_factory=LlamaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,0 +1,40 @@
+"""A key/value cache for autoregressive decoding: every layer's past keys and values, preallocated.
+
+    cache = KVCache(n_layers, batch_size, n_kv_heads, head_dim, max_len, dtype, device)
+    logits = model(prompt_ids, cache=cache)          # prefill: fills positions 0..T-1
+    logits = model(next_ids, cache=cache)            # decode: one new position per call
+
+Layer l's keys live in k[l, :, :, :length] as (B, n_kv_heads, length, head_dim). A forward pass appends its
+new positions at every layer (append), then the model moves `length` on once (advance), so all layers of a
+step see the same offset. Rotary embeddings are applied before caching, so cached keys never change.
+"""
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far (the same for every row; padding is masked, not skipped)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_kv_heads, T, head_dim) after the cached positions; return all keys and values so
+        far, (B, n_kv_heads, length + T, head_dim) each (views, no copy)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep only batch rows `rows` (int64 indices), e.g. to drop finished sequences."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]

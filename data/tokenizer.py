@@ -34,8 +34,10 @@ import json
 import re
 import shutil
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
+import sentencepiece
 import tiktoken
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -105,13 +107,15 @@ class Tokenizer:
     add_bos: bool = False
     chat_template_jinja: str | None = None
 
-    def __init__(self, name: str, added: list[AddedToken], normalizer=None):
+    def __init__(self, name: str, added: list[AddedToken], normalizer: Callable[[str], str] | None = None):
         self.name = name
         self.added_tokens = sorted(added, key=lambda t: t.id)
         self.special_tokens = {t.content: t.id for t in self.added_tokens if t.special}
         self._added_by_id: dict[int, AddedToken] = {}
+        self._added_by_text: dict[str, AddedToken] = {}
         for t in self.added_tokens:
             self._added_by_id.setdefault(t.id, t)  # an id with two spellings decodes to the first one listed
+            self._added_by_text.setdefault(t.content, t)
         self._normalizer = normalizer
         self._raw_match = self._matcher([t for t in added if not t.normalized], lambda s: s)
         self._norm_match = self._matcher([t for t in added if t.normalized], normalizer or (lambda s: s))
@@ -153,10 +157,8 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of `token` written as in the tokenizer's own files: an added token's text, or a vocabulary entry
         (byte-level BPE: GPT-2's byte-to-unicode spelling, e.g. "Ġthe"; SentencePiece: the piece, e.g. "▁the")."""
-        for t in self.added_tokens:
-            if t.content == token:
-                return t.id
-        return self._vocab_id(token)
+        t = self._added_by_text.get(token)
+        return t.id if t is not None else self._vocab_id(token)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write tokenizer files that transformers' AutoTokenizer and our load_tokenizer both load to the same ids."""
@@ -254,7 +256,7 @@ class Tokenizer:
         return None
 
     def _tokenizer_config(self) -> dict:
-        """A tokenizer_config.json for transformers: the token class that reads tokenizer.json / tokenizer.model as
+        """A tokenizer_config.json for transformers: the tokenizer class that reads tokenizer.json / tokenizer.model as
         they are, the bos/eos/pad tokens, and the chat template."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
                   "add_eos_token": False, "clean_up_tokenization_spaces": False}
@@ -291,7 +293,6 @@ def _byte_to_unicode() -> dict[int, str]:
 
 BYTE_TO_UNICODE = _byte_to_unicode()
 _BYTES = [bytes([b]) for b in range(256)]
-_SPELL = {b: c for b, c in BYTE_TO_UNICODE.items()}
 # str.translate tables: alphabet character -> the byte it stands for, as a Latin-1 character; the Latin-1
 # characters outside the alphabet -> U+FFFF, which then fails to encode as Latin-1.
 _UNSPELL = {ord(c): b for b, c in BYTE_TO_UNICODE.items()} | {
@@ -299,7 +300,7 @@ _UNSPELL = {ord(c): b for b, c in BYTE_TO_UNICODE.items()} | {
 
 
 def _spell(token: bytes) -> str:
-    return token.decode("latin-1").translate(_SPELL)
+    return token.decode("latin-1").translate(BYTE_TO_UNICODE)
 
 
 def _unspell(token: str) -> bytes | None:
@@ -322,7 +323,7 @@ class TiktokenTokenizer(Tokenizer):
     """
 
     def __init__(self, name: str, encoding: tiktoken.Encoding, ranks: dict[bytes, int], added: list[AddedToken],
-                 normalizer=None, add_prefix_space: bool = False, added_bytes: dict[int, bytes] | None = None,
+                 normalizer: Callable[[str], str] | None = None, add_prefix_space: bool = False, added_bytes: dict[int, bytes] | None = None,
                  hf_pattern: str | None = None, hf_files: dict | None = None, drop_from: int | None = None):
         super().__init__(name, added, normalizer)
         self.encoding, self.ranks, self._drop_from = encoding, ranks, drop_from
@@ -389,8 +390,9 @@ class TiktokenTokenizer(Tokenizer):
     def _tokenizer_json(self) -> dict:
         """An HF byte-level BPE tokenizer.json with the same ids: vocabulary and merges recovered from the ranks (see
         `derive_merges`), the pre-tokenizer regex as a Split, the added tokens, BOS prepended if add_bos."""
-        if self.hf_pattern is None:
-            raise ValueError(f"tokenizer {self.name!r} has no regex HF's engine can read; pass hf_pattern")
+        if self.hf_pattern is None or self._normalizer or self._add_prefix_space or self._drop_from:
+            raise ValueError(f"cannot export tokenizer {self.name!r}: give it hf_pattern (its regex as HF's engine "
+                             f"reads it), and no normalizer, prefix space or dropped bytes")
         merges = [[_spell(a), _spell(b)] for a, b in derive_merges(self.ranks)]
         post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
         if self.add_bos and self.bos_id is not None:
@@ -588,20 +590,25 @@ def _byte_level_pattern(pre_tokenizer: dict | None) -> tuple[str, bool]:
                      f"Digits + ByteLevel(use_regex=True, add_prefix_space=False)")
 
 
-def _unicode_normalizer(normalizer: dict | None):
-    """None, or str -> str for a normalizer made only of Unicode normal forms (Qwen2's NFC)."""
+def _normalizer(normalizer: dict | None, name: str) -> Callable[[str], str] | None:
+    """str -> str for an HF normalizer made of Unicode normal forms (Qwen2's NFC), Prepend and Replace of a plain
+    string (Llama-2's "▁" dummy prefix and space escaping); None for no normalizer."""
     steps = _steps(normalizer, "normalizers")
-    if any(s["type"] not in _UNICODE_FORMS for s in steps):
-        raise ValueError(f"cannot reproduce the normalizer {_describe(steps)} for byte-level BPE; supported: "
-                         f"{', '.join(_UNICODE_FORMS)}")
-    if not steps:
-        return None
-    return functools.partial(_normalize_forms, tuple(s["type"] for s in steps))
+    for s in steps:
+        if not (s["type"] in ("Prepend", *_UNICODE_FORMS) or (s["type"] == "Replace" and "String" in s["pattern"])):
+            raise ValueError(f"{name}: cannot reproduce the normalizer {_describe(steps)}; supported: Prepend, "
+                             f"Replace(String), {', '.join(_UNICODE_FORMS)}")
+    return functools.partial(_apply_normalizer, steps) if steps else None
 
 
-def _normalize_forms(forms: tuple[str, ...], text: str) -> str:
-    for form in forms:
-        text = unicodedata.normalize(form, text)
+def _apply_normalizer(steps: list[dict], text: str) -> str:
+    for s in steps:
+        if s["type"] == "Prepend":
+            text = s["prepend"] + text if text else text
+        elif s["type"] == "Replace":
+            text = text.replace(s["pattern"]["String"], s["content"])
+        else:
+            text = unicodedata.normalize(s["type"], text)
     return text
 
 
@@ -716,8 +723,6 @@ class SentencePieceTokenizer(Tokenizer):
     """
 
     def __init__(self, name: str, model_file: Path, extra: list[AddedToken] = ()):
-        import sentencepiece
-
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.model_file = model_file
         n = self.sp.get_piece_size()
@@ -727,7 +732,7 @@ class SentencePieceTokenizer(Tokenizer):
             if t.id not in added and (t.id >= n or t.special):
                 added[t.id] = t
         super().__init__(name, list(added.values()))
-        self.vocab_size = max(n, *(i + 1 for i in added))
+        self.vocab_size = max([n, *(i + 1 for i in added)])
         self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id(),
                                                                                   self.sp.pad_id()))
         self.add_bos = self.bos_id is not None  # Llama, Mistral and Gemma all start a sequence with BOS
@@ -779,27 +784,6 @@ class SentencePieceTokenizer(Tokenizer):
 # Back end 3: SentencePiece-style BPE from tokenizer.json, pure Python
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _piece_normalizer(normalizer: dict | None):
-    """str -> str for an HF normalizer made of Prepend, Replace (of a plain string) and Unicode normal forms."""
-    steps = _steps(normalizer, "normalizers")
-    for s in steps:
-        if not (s["type"] in ("Prepend", *_UNICODE_FORMS) or (s["type"] == "Replace" and "String" in s["pattern"])):
-            raise ValueError(f"cannot reproduce the normalizer {_describe(steps)}; supported: Prepend, "
-                             f"Replace(String), {', '.join(_UNICODE_FORMS)}")
-    return functools.partial(_apply_normalizer, steps) if steps else None
-
-
-def _apply_normalizer(steps: list[dict], text: str) -> str:
-    for s in steps:
-        if s["type"] == "Prepend":
-            text = s["prepend"] + text if text else text
-        elif s["type"] == "Replace":
-            text = text.replace(s["pattern"]["String"], s["content"])
-        else:
-            text = unicodedata.normalize(s["type"], text)
-    return text
-
-
 class PieceBPETokenizer(Tokenizer):
     """BPE over characters with "▁" for spaces and byte fallback, from a tokenizer.json (Llama-2's), in pure Python.
 
@@ -817,7 +801,7 @@ class PieceBPETokenizer(Tokenizer):
     def __init__(self, name: str, tj: dict, added: list[AddedToken]):
         model = tj["model"]
         _check_bpe_options(model, name)
-        super().__init__(name, added, _piece_normalizer(tj.get("normalizer")))
+        super().__init__(name, added, _normalizer(tj.get("normalizer"), name))
         self.vocab: dict[str, int] = model["vocab"]
         self._tokens = {i: t for t, i in self.vocab.items()}
         self._merges: dict[tuple[int, int], tuple[int, int]] = {}
@@ -856,26 +840,30 @@ class PieceBPETokenizer(Tokenizer):
         return self._merge(self._symbols(text))
 
     def _symbols(self, text: str) -> list[int]:
-        symbols, unk = [], False
+        symbols, unk = [], None  # an unknown character's token waits until a known one follows, as in HF
         for ch in text:
             if ch in self.vocab:
+                if unk is not None:
+                    symbols.append(unk)
+                    unk = None
                 symbols.append(self.vocab[ch])
-                unk = False
                 continue
             byte_ids = [self._bytes[b] for b in ch.encode()] if self._byte_fallback else [None]
             if None not in byte_ids:
                 symbols += byte_ids
-                unk = False
-            elif self._unk is not None and not (unk and self._fuse_unk):
-                symbols.append(self._unk)
-                unk = True
-        return symbols
+            elif self._unk is not None:
+                if unk is not None and not self._fuse_unk:
+                    symbols.append(unk)
+                unk = self._unk
+        return symbols if unk is None else symbols + [unk]
 
     def _merge(self, ids: list[int]) -> list[int]:
         n = len(ids)
         nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-        heap = [(*self._merges[ids[i], ids[i + 1]], i) for i in range(n - 1) if (ids[i], ids[i + 1]) in self._merges]
-        heap = [(rank, i, new) for rank, new, i in heap]
+        heap = []  # (merge rank, position of the left symbol, id it makes): the lowest rank, then leftmost, first
+        for i in range(n - 1):
+            if m := self._merges.get((ids[i], ids[i + 1])):
+                heap.append((m[0], i, m[1]))
         heapq.heapify(heap)
         while heap:
             rank, i, new = heapq.heappop(heap)
@@ -929,10 +917,13 @@ def _decode_step(step: dict, tokens: list[str]) -> list[str]:
     if kind == "Strip":
         c, start, stop = step["content"], step.get("start", 0), step.get("stop", 0)
         out = []
-        for t in tokens:
-            a = next((k for k in range(min(start, len(t))) if t[k] != c), min(start, len(t)))
-            b = next((k for k in range(min(stop, len(t) - a)) if t[len(t) - 1 - k] != c), min(stop, len(t) - a))
-            out.append(t[a:len(t) - b])
+        for t in tokens:  # up to `start` leading and `stop` trailing copies of `content` come off each token
+            a, b = 0, len(t)
+            while a < min(start, len(t)) and t[a] == c:
+                a += 1
+            while len(t) - b < stop and b > a and t[b - 1] == c:
+                b -= 1
+            out.append(t[a:b])
         return out
     if kind == "Metaspace":  # as `tokenizers`: with a prefix scheme, every "▁" of the first token is dropped
         replacement, drop_first = step["replacement"], step.get("prepend_scheme", "always") != "never"
@@ -1090,7 +1081,7 @@ def tokenizer_from_json(tokenizer_json: dict, name: str, config: dict | None = N
                              f"(supported: ByteLevel)")
         encoding, ranks, drop_from = tiktoken_from_tokenizer_json(tokenizer_json, name, added)
         _, prefix_space = _byte_level_pattern(tokenizer_json.get("pre_tokenizer"))
-        tok = TiktokenTokenizer(name, encoding, ranks, added, _unicode_normalizer(tokenizer_json.get("normalizer")),
+        tok = TiktokenTokenizer(name, encoding, ranks, added, _normalizer(tokenizer_json.get("normalizer"), name),
                                 add_prefix_space=prefix_space,
                                 added_bytes={t.id: _byte_level_decode_text(t.content) for t in added},
                                 hf_files=files or {"tokenizer.json": tokenizer_json}, drop_from=drop_from)

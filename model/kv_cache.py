@@ -35,6 +35,3 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def reorder(self, rows: Tensor) -> None:
-        """Keep only batch rows `rows` (int64 indices), e.g. to drop finished sequences."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]

@@ -152,14 +152,14 @@ def test_unpermute_qk_inverts_llamacpp_and_preserves_attention_scores():
 @pytest.fixture(scope="session")
 def hf_gguf_model(smollm2_gguf):
     """transformers' own load of the GGUF (dequantised, fp32): once per session (about 20 s on 2 cores)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     return transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                              dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
@@ -212,7 +212,7 @@ def test_load_gguf_state_dict_streams_the_same_tensors(smollm2_reader, smollm2_h
 
 
 def test_transformers_loads_the_converted_dir_with_the_same_logits(smollm2_hf_dir, hf_gguf_model):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     ours = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 9690, 198, 19556, 905, 30, 1073, 253, 2, 198, 1, 520, 9531, 198, 33, 34, 35]])
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_transformers_loads_the_converted_dir_with_the_same_logits(smollm2_hf_di
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2_hf_dir, hf_gguf_tokenizer):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     from tokenizers import Tokenizer
 
     ours = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
@@ -250,7 +250,7 @@ def test_tokenizer_splits_digits_like_llamacpp_smollm(smollm2_hf_dir, hf_gguf_to
 
 
 def test_tokenizer_config_and_chat_template(smollm2_hf_dir, hf_gguf_tokenizer):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     config = json.loads((smollm2_hf_dir / "tokenizer_config.json").read_text())
     assert {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token")} == {
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
@@ -347,7 +347,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 
 def test_tiny_model_matches_transformers_gguf_load(tiny_gguf, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # test-only oracle (requirements-test.txt)
     out = gguf_to_hf(tiny_gguf, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-6

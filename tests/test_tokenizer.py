@@ -156,7 +156,7 @@ def test_metaspace_variants_of_llama2_match_hf(tok_dir):
 def test_smollm_from_gguf_digits_pretokenizer(tok_dir):
     """SmolLM2's real vocabulary (from the GGUF in the shared assets): Digits(individual) + ByteLevel pre-tokenizer,
     merges by HF order, and a vocabulary lacking 21 single bytes, which HF drops."""
-    gguf = pytest.importorskip("gguf")
+    import gguf  # runtime dependency (requirements.txt)
     path = tok_dir.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.skip(f"{path} not found")

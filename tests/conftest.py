@@ -18,7 +18,7 @@ def _at_repo_root(monkeypatch):
 SHARED_ASSETS = Path(os.environ.get("NANOFORGE_SHARED_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"{SHARED_ASSETS} not found (set NANOFORGE_SHARED_ASSETS to ../shared/assets)")

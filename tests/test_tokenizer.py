@@ -19,7 +19,6 @@ import tiktoken
 import transformers  # test-only oracle
 from tokenizers import Tokenizer as HFTokenizer  # test-only oracle
 
-from conftest import SHARED_ASSETS
 from data.tokenizer import (ASSETS, BYTE_TO_UNICODE, GPT2_PATTERN, AddedToken, PieceBPETokenizer,
                             SentencePieceTokenizer, TiktokenTokenizer, get_tokenizer, load_tiktoken_ranks,
                             load_tokenizer, tokenizer_from_json)
@@ -54,11 +53,8 @@ def with_specials(specials: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def tok_dir() -> Path:
-    d = SHARED_ASSETS / "tokenizers"
-    if not d.is_dir():
-        pytest.skip(f"{d} not found (set NANOFORGE_SHARED_ASSETS to ../shared/assets)")
-    return d
+def tok_dir(shared_assets) -> Path:
+    return shared_assets / "tokenizers"
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +149,11 @@ def test_metaspace_variants_of_llama2_match_hf(tok_dir):
             assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), (scheme, t)
 
 
-def test_smollm_from_gguf_digits_pretokenizer(tok_dir):
+def test_smollm_from_gguf_digits_pretokenizer(smollm2_gguf):
     """SmolLM2's real vocabulary (from the GGUF in the shared assets): Digits(individual) + ByteLevel pre-tokenizer,
     merges by HF order, and a vocabulary lacking 21 single bytes, which HF drops."""
     import gguf  # runtime dependency (requirements.txt)
-    path = tok_dir.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    fields = gguf.GGUFReader(path).fields
+    fields = gguf.GGUFReader(smollm2_gguf).fields
     tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
     tj = {"added_tokens": [added_token(i, t) for i, t in enumerate(tokens) if types[i] == 3],
           "normalizer": None,

@@ -142,7 +142,8 @@ def main(argv: list[str]) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 out = fwd(x, labels=y)
-            (out.loss_sum / max(n_learn, 1)).backward()  # the step's loss is a mean over all its tokens
+            # the step's loss is a mean over all its tokens; router losses (MoE) are weighted by tokens too
+            ((out.loss_sum + out.aux_loss * out.n_tokens) / max(n_learn, 1)).backward()
             loss_sum += out.loss_sum.detach()
         loss = (loss_sum / max(n_learn, 1)).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()

@@ -1,11 +1,25 @@
-"""Models built by hand, one file per architecture family, plus shared leaf layers and safetensors in/out."""
+"""Models built by hand, one file per architecture family, plus shared leaf layers and safetensors in/out.
+
+What every family module (llama.py, gemma2.py, gpt_oss.py, granite_moe.py) provides:
+    a config dataclass with at least vocab_size, max_seq_len, rope_theta, rope_scaling, attn_backend and
+        validate(); a dict of named sizes (*_CONFIGS)
+    the model: built on the meta device, init_weights() / init_buffers(), and
+        forward(idx, labels=None, position_ids=None, cache=None, attention_mask=None, cu_seqlens=None)
+        -> logits (B, T, vocab) or a model.loss.LossOutput; new_cache(batch, max_len); num_params();
+        flops_per_token(seq_len) (active parameters for mixtures of experts)
+    Hugging Face interop (model/hf.py): HF_MODEL_TYPES, config_from_hf(dict), config_to_hf(config),
+        HF_KEY_MAP {hf name: ours} and, where a tensor is not a plain rename, HF_TRANSFORMS {our name: Transform}
+"""
 
 import torch
 from torch import nn
 
 from model.llama import LLAMA_CONFIGS, Llama, LlamaConfig
 
-MODELS: dict[type, type[nn.Module]] = {LlamaConfig: Llama}
+MODELS: dict[type, type[nn.Module]] = {
+    LlamaConfig: Llama,
+}
+ModelConfig = LlamaConfig
 
 
 def build_model(config) -> nn.Module:
@@ -22,4 +36,4 @@ def build_model(config) -> nn.Module:
         return model_class(config)
 
 
-__all__ = ["LLAMA_CONFIGS", "Llama", "LlamaConfig", "MODELS", "build_model"]
+__all__ = ["LLAMA_CONFIGS", "Llama", "LlamaConfig", "MODELS", "ModelConfig", "build_model"]

@@ -1,39 +1,131 @@
-"""Scaled dot-product attention behind one function, with two backends.
+"""Scaled dot-product attention behind one function, four backends, and the features each can serve.
 
-    attention(q, k, v) = softmax(q @ k^T * scale + causal_mask) @ v,   scale = 1 / sqrt(head_dim) by default
+    attention(q, k, v) = softmax(mask(softcap(q @ k^T * scale)) [, sink]) @ v,    scale = 1 / sqrt(head_dim) by default
 
-q is (B, n_heads, T, head_dim); k and v are (B, n_kv_heads, T, head_dim) with n_heads a multiple of n_kv_heads
-(grouped-query attention, Ainslie et al. 2023: query head h reads kv head h // (n_heads // n_kv_heads)).
+q is (B, n_heads, Tq, head_dim); k and v are (B, n_kv_heads, Tk, head_dim) with n_heads a multiple of n_kv_heads
+(grouped-query attention, Ainslie et al. 2023: query head h reads kv head h // (n_heads // n_kv_heads)). When
+Tk > Tq (a KV cache) query i sits at absolute key index i + Tk - Tq.
 
-Masking is either `causal=True` (query i sees keys <= i, aligned bottom-right when there are more keys than
-queries, as with a KV cache) or an explicit boolean `mask` broadcastable to (B, n_heads, Tq, Tk), True where a
-query may attend a key (padding and cached decoding build one: see causal_padding_mask).
+Features are arguments of the call, not properties of a backend:
+    causal      query at absolute index a sees keys j <= a
+    window      sliding window of `window` keys: also a - j < window (Gemma2, GPT-OSS; HF's `sliding_window`)
+    documents   cu_seqlens (n_docs + 1,) int32: offsets of packed documents in the flattened (B * T) tokens; a
+                query sees only keys of its own document (rows are separate sequences whatever cu_seqlens says)
+    softcap     scores -> softcap * tanh(scores / softcap) before masking (Gemma2's attn_logit_softcapping)
+    sinks       (n_heads,) one learned logit per head that joins the softmax denominator and no value (GPT-OSS):
+                p_j = exp(s_j) / (exp(sink) + sum_j' exp(s_j'))
+    mask        explicit boolean (B or 1, 1 or n_heads, Tq, Tk), True = may attend (padding in generation)
 
-Backends:
-    "eager": the explicit reference. Everything in fp32 (scores, softmax, weighted sum), kv heads repeated;
-             the output is cast back to q.dtype. Slow and memory hungry (materialises (B, H, T, T)); it exists
-             to be read and to test the others against.
-    "sdpa":  torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel (flash, memory
-             efficient, cuDNN, or the CPU flash kernel). GQA is passed as enable_gqa=True (torch >= 2.5) so
-             kv heads are not copied.
+Backends and what they serve (FEATURES):
+    "eager": the reference. Explicit math in fp32, kv heads repeated; every feature. (B, H, Tq, Tk) in memory.
+    "sdpa":  F.scaled_dot_product_attention; window, documents and padding become a boolean mask. No softcap,
+             no sinks (sdpa has no hook for either).
+    "flex":  FlexAttention (torch.compile'd): causal/window/documents as a BlockMask (skipped blocks cost nothing),
+             softcap as a score_mod, sinks by rescaling with the log-sum-exp it returns:
+                 out_sink = out * Z / (Z + e^sink) = out * sigmoid(lse - sink),    lse = log Z
+             and gradients flow through lse to q, k and the sinks. No explicit masks. CUDA for training (CPU
+             FlexAttention has neither a backward nor the log-sum-exp).
+    "flash": flash-attn's flash_attn_varlen_func (window, softcap) when installed, else PyTorch's own
+             varlen_attn (window where the installed version has it, no softcap). Documents are native
+             (cu_seqlens); no sinks, no explicit masks, no KV cache. CUDA only.
+    "auto":  the first of flash, flex, sdpa, eager (CUDA) or sdpa, eager (CPU) that serves every feature the
+             call needs; the choice is printed once per distinct need.
+
+A backend asked for a feature it lacks raises an error naming the feature and the backends that have it: it is
+never swapped for another silently.
 """
 
+import functools
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("eager", "sdpa")
+BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
+ALL_FEATURES = frozenset({"window", "documents", "softcap", "sinks", "mask", "kv_cache"})
+FEATURES: dict[str, frozenset[str]] = {
+    "eager": ALL_FEATURES,
+    "sdpa": frozenset({"window", "documents", "mask", "kv_cache"}),
+    "flex": frozenset({"window", "documents", "softcap", "sinks", "kv_cache"}),
+    "flash": frozenset({"window", "documents", "softcap"}),
+}
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"expected q (B, H, T, D) and k, v (B, H_kv, T, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch or head_dim, or "
-                         "n_heads is not a multiple of n_kv_heads")
+# ----------------------------------------------------------------------------- backend choice
+
+
+@functools.cache
+def flash_attn_varlen():
+    """flash-attn's flash_attn_varlen_func, or None when the package is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def torch_varlen_attn():
+    """(varlen_attn, has_window) from torch.nn.attention.varlen, or (None, False) where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def backend_features(backend: str) -> frozenset[str]:
+    """What `backend` serves in this installation (flash without flash-attn loses softcap, maybe window)."""
+    if backend == "flash" and flash_attn_varlen() is None:
+        _, has_window = torch_varlen_attn()
+        return frozenset({"documents", "window"} if has_window else {"documents"})
+    return FEATURES[backend]
+
+
+def available(backend: str, device: torch.device) -> bool:
+    if backend in ("eager", "sdpa"):
+        return True
+    if device.type != "cuda":
+        return False
+    return backend == "flex" or flash_attn_varlen() is not None or torch_varlen_attn()[0] is not None
+
+
+_announced: set = set()
+
+
+def resolve_backend(requested: str, needs: frozenset[str], device: torch.device) -> str:
+    """The backend that runs a call needing `needs` (subset of ALL_FEATURES); errors name what is missing."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; expected one of {BACKENDS}")
+    if requested == "auto":
+        order = ("flash", "flex", "sdpa", "eager") if device.type == "cuda" else ("sdpa", "eager")
+        chosen = next(b for b in order if available(b, device) and needs <= backend_features(b))
+        key = (device.type, needs, chosen)
+        if key not in _announced:
+            _announced.add(key)
+            print(f"attention: auto -> {chosen} on {device.type} (needs: {', '.join(sorted(needs)) or 'causal only'})")
+        return chosen
+    missing = needs - backend_features(requested)
+    if missing:
+        able = [b for b in FEATURES if needs <= backend_features(b)]
+        raise ValueError(f"attention backend {requested!r} does not support {', '.join(sorted(missing))} "
+                         f"(this call needs {', '.join(sorted(needs))}); backends that do: {', '.join(able)}, "
+                         f"or 'auto' to pick one")
+    if not available(requested, device):
+        raise ValueError(f"attention backend {requested!r} is not available on {device.type}"
+                         + ("" if device.type == "cuda" else " (flex and flash need CUDA for training)"))
+    return requested
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> Tensor:
+    """(B, T) int: the document index of every token of a packed batch (cu_seqlens over the flattened B * T)."""
+    flat = torch.arange(batch * seq_len, device=cu_seqlens.device)  # (B*T,)
+    return (torch.searchsorted(cu_seqlens.to(torch.int64), flat, right=True) - 1).view(batch, seq_len)
 
 
 def causal_padding_mask(q_start: int, q_len: int, key_valid: Tensor | None, device: torch.device) -> Tensor:
@@ -53,50 +145,190 @@ def causal_padding_mask(q_start: int, q_len: int, key_valid: Tensor | None, devi
     return allowed
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
-                    mask: Tensor | None = None) -> Tensor:
+def allowed_mask(t_q: int, t_k: int, device: torch.device, causal: bool, window: int, doc_ids: Tensor | None,
+                 mask: Tensor | None) -> Tensor | None:
+    """Boolean (B or 1, 1 or H, Tq, Tk), True where query i may attend key j, or None when nothing is masked."""
+    q_abs = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # (Tq, 1) absolute key index of each query
+    k_idx = torch.arange(t_k, device=device)[None, :]  # (1, Tk)
+    allowed = None
+
+    def both(a: Tensor | None, b: Tensor) -> Tensor:
+        return b if a is None else a & b
+
+    if causal:
+        allowed = both(allowed, (k_idx <= q_abs)[None, None])  # (1, 1, Tq, Tk)
+    if window:
+        allowed = both(allowed, (q_abs - k_idx < window)[None, None])
+    if doc_ids is not None:
+        same_doc = doc_ids[:, t_k - t_q:, None] == doc_ids[:, None, :]  # (B, Tq, Tk)
+        allowed = both(allowed, same_doc[:, None])  # (B, 1, Tq, Tk)
+    if mask is not None:
+        allowed = both(allowed, mask.bool())
+    return allowed
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+                    window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+                    doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """Reference attention in fp32. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D) in q.dtype."""
-    n_rep = q.shape[1] // k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b, n_heads, t_q, d = q.shape
+    t_k = k.shape[2]
+    n_rep = n_heads // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     q32 = q.float()  # (B, H, Tq, D)
     k32 = k.float().repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
     v32 = v.float().repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
     scores = torch.einsum("bhqd,bhkd->bhqk", q32, k32) * scale  # (B, H, Tq, Tk)
-    if causal:
-        t_q, t_k = q.shape[2], k.shape[2]
-        # query i sits at absolute position i + (Tk - Tq) and sees keys at positions <= its own
-        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)  # (Tq, Tk)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
+    if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    else:
+        sink = sinks.float()[None, :, None, None].expand(b, n_heads, t_q, 1)  # (B, H, Tq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # (B, H, Tq, Tk): sink dropped
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v32)  # (B, H, Tq, D)
     return out.to(q.dtype)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
-                   mask: Tensor | None = None) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+                   window: int = 0, doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """F.scaled_dot_product_attention. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask is not None:
-        if causal:
-            raise ValueError("sdpa backend: pass either causal=True or an explicit mask, not both")
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    if causal and q.shape[2] != k.shape[2]:
-        # sdpa's is_causal aligns the mask to the top-left corner; the eager reference aligns it bottom-right
-        raise ValueError("sdpa backend: causal attention needs as many queries as keys (build a mask)")
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    t_q, t_k = q.shape[2], k.shape[2]
+    if not (window or doc_ids is not None or mask is not None) and (not causal or t_q == t_k):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    # sdpa's is_causal aligns to the top-left corner and knows no windows or documents: an explicit mask does all
+    allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, backend: str = "sdpa",
-              scale: float | None = None, mask: Tensor | None = None) -> Tensor:
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(t_q: int, t_k: int, causal: bool, window: int, docs: tuple | None, batch: int,
+                     device: str):
+    """A BlockMask for these settings, cached: every layer of a forward (and every step of a fixed packing)
+    reuses it. docs: the flattened cu_seqlens as a tuple (hashable), or None."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = t_k - t_q
+    doc_ids = None
+    if docs is not None:
+        cu = torch.tensor(docs, dtype=torch.int64, device=device)
+        doc_ids = doc_ids_from_cu_seqlens(cu, batch, t_k)  # (B, T)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_abs = q_idx + offset
+        ok = (kv_idx <= q_abs) if causal else (kv_idx >= 0)
+        if window:
+            ok = ok & (q_abs - kv_idx < window)
+        if doc_ids is not None:
+            ok = ok & (doc_ids[b, q_abs] == doc_ids[b, kv_idx])
+        return ok
+
+    return create_block_mask(mask_mod, batch if doc_ids is not None else None, None, t_q, t_k, device=device)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+                   window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+                   cu_seqlens: Tensor | None = None) -> Tensor:
+    """FlexAttention (CUDA for training). q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D)."""
+    b, _, t_q, _ = q.shape
+    docs = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None
+    block_mask = _flex_block_mask(t_q, k.shape[2], causal, window, docs, b, str(q.device))
+    score_mod = None
+    if softcap:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if sinks is None:
+        return _compiled_flex()(q, k, v, **kwargs)
+    out, lse = _compiled_flex()(q, k, v, return_lse=True, **kwargs)  # lse (B, H, Tq), natural log, fp32
+    keep = torch.sigmoid(lse - sinks.float()[None, :, None])  # (B, H, Tq): Z / (Z + e^sink)
+    return (out.float() * keep[..., None]).to(q.dtype)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+                    window: int = 0, softcap: float = 0.0, cu_seqlens: Tensor | None = None) -> Tensor:
+    """flash-attn varlen (or PyTorch's varlen_attn). q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D)."""
+    b, n_heads, t, d = q.shape
+    if k.shape[2] != t:
+        raise ValueError("flash backend: needs as many queries as keys (no KV cache); use sdpa or eager to decode")
+    rows = torch.arange(0, b * t + 1, t, device=q.device, dtype=torch.int32)  # every row starts a sequence
+    cu = rows if cu_seqlens is None else torch.unique(torch.cat([rows, cu_seqlens.to(q.device, torch.int32)]))
+    max_len = int((cu[1:] - cu[:-1]).max())
+    qf, kf, vf = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))  # (B*T, heads, D)
+    left = window - 1 if window else -1  # keys i - (window - 1) .. i
+    flash = flash_attn_varlen()
+    if flash is not None:
+        out = flash(qf, kf, vf, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal,
+                    window_size=(left, 0 if causal else -1), softcap=softcap)
+    else:
+        varlen, has_window = torch_varlen_attn()
+        if has_window:
+            out = varlen(qf, kf, vf, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0 if causal else -1),
+                         enable_gqa=kf.shape[1] != n_heads)
+        else:
+            out = varlen(qf, kf, vf, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
+    return out.view(b, t, n_heads, d).transpose(1, 2)  # (B, H, T, D)
+
+
+# ----------------------------------------------------------------------------- the one entry point
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, window: int, softcap: float, sinks: Tensor | None,
+           cu_seqlens: Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"expected q (B, H, T, D) and k, v (B, H_kv, T, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch or head_dim, or "
+                         "n_heads is not a multiple of n_kv_heads")
+    if window < 0 or softcap < 0:
+        raise ValueError(f"window ({window}) and softcap ({softcap}) must be >= 0 (0 = off)")
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"sinks must have one logit per query head, shape ({q.shape[1]},); got {tuple(sinks.shape)}")
+    if cu_seqlens is not None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("packed documents (cu_seqlens) cannot be combined with a KV cache")
+        total = q.shape[0] * q.shape[2]
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to B * T = {total}; got {cu_seqlens.tolist()}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", causal: bool = True,
+              scale: float | None = None, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+              cu_seqlens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """Attention of q (B, n_heads, Tq, head_dim) over k, v (B, n_kv_heads, Tk, head_dim) -> (B, n_heads, Tq, head_dim).
 
-    mask (optional): boolean, broadcastable to (B, n_heads, Tq, Tk), True = may attend; used instead of causal.
+    window: sliding-window size in keys (0 = off); softcap: tanh cap on the scores (0 = off); sinks: (n_heads,)
+    logits; cu_seqlens: packed-document offsets over the flattened B * T tokens; mask: boolean, broadcastable to
+    (B, n_heads, Tq, Tk), True = may attend, combined with the causal (and window, document) rule.
     """
-    _check_shapes(q, k, v)
-    if backend == "sdpa":
-        return sdpa_attention(q, k, v, causal=causal and mask is None, scale=scale, mask=mask)
-    if backend == "eager":
-        return eager_attention(q, k, v, causal=causal and mask is None, scale=scale, mask=mask)
-    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    _check(q, k, v, window, softcap, sinks, cu_seqlens)
+    needs = {name for name, on in (("window", window), ("softcap", softcap), ("sinks", sinks is not None),
+                                   ("documents", cu_seqlens is not None), ("mask", mask is not None),
+                                   ("kv_cache", k.shape[2] != q.shape[2])) if on}
+    chosen = resolve_backend(backend, frozenset(needs), q.device)
+    if chosen == "flash":
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                               cu_seqlens=cu_seqlens)
+    if chosen == "flex":
+        return flex_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                              cu_seqlens=cu_seqlens)
+    doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.shape[0], q.shape[2]) if cu_seqlens is not None else None
+    if chosen == "sdpa":
+        return sdpa_attention(q, k, v, causal=causal, scale=scale, window=window, doc_ids=doc_ids, mask=mask)
+    return eager_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                           doc_ids=doc_ids, mask=mask)

@@ -5,9 +5,11 @@
     model = from_pretrained(path, rope_theta=400000.0, max_seq_len=8192)       # context extension
     save_pretrained(model, "hf/my-model", tokenizer=tok)                       # transformers loads this
 
-A family module (model/llama.py, ...) provides three things, and nothing here knows a tensor name:
+A family module (model/llama.py, ...) provides these, and nothing here knows a tensor name:
+    HF_MODEL_TYPES: the config.json model_type values it reads
     config_from_hf(dict) -> its config dataclass      config_to_hf(config) -> dict
     HF_KEY_MAP: {hf_name: our_name}                    (read forwards to load, inverted to export)
+    HF_TRANSFORMS (optional): {our_name: Transform}    tensors stored in another layout (fused experts)
 
 Loading builds the model on the meta device, allocates it once in the requested dtype and device, and
 streams tensors into it one at a time (model.weights.load_safetensors), so two copies never exist. Names
@@ -27,12 +29,13 @@ from torch import nn
 
 from data.corpora import cache_dir
 from model import build_model, llama
-from model.weights import tied_names, key_mapper, load_safetensors
+from model.weights import key_mapper, load_safetensors, tied_names, transform_finder
 
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama,)
 # model_type in config.json -> the family module that implements it
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama}
+FAMILIES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.HF_MODEL_TYPES}
 # our config class -> its family module (for export)
-FAMILY_OF_CONFIG: dict[type, ModuleType] = {llama.LlamaConfig: llama}
+FAMILY_OF_CONFIG: dict[type, ModuleType] = {m.CONFIG_CLASS: m for m in FAMILY_MODULES}
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -127,7 +130,8 @@ def load_pretrained_weights(model: nn.Module, path: str | Path) -> None:
     """Fill a materialised model with the weights of an HF directory or .gguf (names, shapes checked first)."""
     model_dir = resolve_model_dir(path)
     family = family_of(read_hf_config(model_dir))
-    load_safetensors(model, weight_files(model_dir), key_map=key_mapper(family.HF_KEY_MAP))
+    load_safetensors(model, weight_files(model_dir), key_map=key_mapper(family.HF_KEY_MAP),
+                     transforms=getattr(family, "HF_TRANSFORMS", None))
 
 
 def check_tokenizer_fits(tokenizer, config) -> None:
@@ -167,12 +171,16 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, model.config)
     to_hf = key_mapper(family.HF_KEY_MAP, inverse=True)
+    find_transform = transform_finder(getattr(family, "HF_TRANSFORMS", None))
     aliases = tied_names(model)
     tensors = {}
     for name, t in model.state_dict().items():
         if name in aliases:
             continue  # a tied output head is the embedding; HF's tie_word_embeddings restores it
         t = t.detach()
+        transform = find_transform(name)
+        if transform is not None:
+            t = transform.export(t)
         tensors[to_hf(name)] = t.to(dtype) if dtype is not None else t
     saved_dtype = next(iter(tensors.values())).dtype
 

@@ -23,19 +23,7 @@ from model.attention import BACKENDS, attention, causal_padding_mask
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
-from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
-
-ROPE_SCALING_TYPES = ("none", "linear", "llama3")
-
-
-@dataclass
-class RopeScaling:
-    type: str = "none"  # RoPE frequency scaling: "none" | "linear" | "llama3" (see model.rope.rope_inv_freq)
-    factor: float = 1.0  # context extension factor: frequencies divided by it (linear; llama3's low band)
-    low_freq_factor: float = 1.0  # llama3 only: wavelengths above original_max_seq_len / this are fully scaled
-    high_freq_factor: float = 4.0  # llama3 only: wavelengths below original_max_seq_len / this are kept
-    original_max_seq_len: int = 8192  # llama3 only: context length the model was pretrained with
-
+from model.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
 
 @dataclass
 class LlamaConfig:
@@ -68,12 +56,7 @@ class LlamaConfig:
                              f"({self.n_kv_heads})")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"LlamaConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
-        if self.rope_scaling.type not in ROPE_SCALING_TYPES:
-            raise ValueError(f"LlamaConfig.rope_scaling.type {self.rope_scaling.type!r} unknown; expected one "
-                             f"of {ROPE_SCALING_TYPES}")
-        s = self.rope_scaling
-        if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
-            raise ValueError("LlamaConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
+        self.rope_scaling.validate()
 
 
 # Named sizes. Those named after a published model have its exact shapes (from its config.json).
@@ -108,7 +91,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
@@ -117,7 +100,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)
-        y = attention(q, k, v, causal=mask is None, mask=mask, backend=self.backend)  # (B, n_heads, T, head_dim)
+        y = attention(q, k, v, mask=mask, cu_seqlens=cu_seqlens, backend=self.backend)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
 
@@ -145,8 +128,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)  # (B, T, dim)
+                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, dim)
         return x
 
@@ -183,9 +166,8 @@ class Llama(nn.Module):
         Part of the contract for callers that fill the weights themselves after to_empty(); to_empty(), to()
         and cuda() also call it (see _apply), so inv_freq survives a cast of the model to bfloat16.
         """
-        c, s = self.config, self.config.rope_scaling
-        inv_freq = rope_inv_freq(c.dim // c.n_heads, c.rope_theta, s.type, s.factor, s.low_freq_factor,
-                                 s.high_freq_factor, s.original_max_seq_len, device=self.inv_freq.device)
+        c = self.config
+        inv_freq = rope_inv_freq_for(c.dim // c.n_heads, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
         self.inv_freq = inv_freq  # a plain assignment to a registered buffer replaces it (and keeps it fp32)
 
     @torch.no_grad()
@@ -220,25 +202,27 @@ class Llama(nn.Module):
         self.init_buffers()
 
     def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor | LossOutput:
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
         """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
 
         position_ids (B, T) default to 0..T-1 for every row (past..past+T-1 with a cache); packed batches pass
-        positions that restart at each document (they set the rotary angles only: attention is causal over the
-        whole row). cache: a KVCache that this call reads and extends (generation). attention_mask
+        positions that restart at each document together with cu_seqlens (n_docs + 1,) int32, the document
+        offsets in the flattened B * T tokens, so that no token attends across a document boundary.
+        cache: a KVCache that this call reads and extends (generation). attention_mask
         (B, past + T): 1 for real tokens, 0 for padding, which no query attends (left-padded prompts).
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids)  # (B or 1, T, head_dim / 2), fp32
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())  # (B or 1, T, head_dim / 2)
         mask = None  # plain causal attention, unless there are cached keys or padding
         if past > 0 or attention_mask is not None:
             mask = causal_padding_mask(past, T, attention_mask, idx.device)  # (B or 1, 1, T, past + T)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)  # (B, T, dim)
+            x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)  # (B, T, dim)
@@ -275,6 +259,9 @@ class Llama(nn.Module):
         return 6.0 * n_matmul + 12.0 * c.n_layers * c.n_heads * (c.dim // c.n_heads) * seq_len
 
 
+CONFIG_CLASS = LlamaConfig
+HF_MODEL_TYPES = ("llama", "qwen2")
+
 # Hugging Face LlamaForCausalLM / Qwen2ForCausalLM names -> ours. "{i}" stands for a layer index. A None target
 # marks a tensor some HF checkpoints carry that is not a weight of ours (skipped on load, never exported).
 # Read by model.weights.key_mapper(HF_KEY_MAP) for loading, inverse=True for export.
@@ -298,26 +285,6 @@ HF_KEY_MAP: dict[str, str | None] = {
 }
 
 
-def _hf_rope_scaling(hf_config: dict) -> tuple[float, RopeScaling]:
-    """rope theta and scaling from either config.json format: transformers >= 5 writes `rope_parameters`
-    {rope_type, rope_theta, ...}; older files have top-level `rope_theta` and `rope_scaling` {rope_type|type, ...}."""
-    params = dict(hf_config.get("rope_scaling") or {})
-    params.update(hf_config.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, RopeScaling()
-    if kind == "linear":
-        return theta, RopeScaling("linear", factor=float(params["factor"]))
-    if kind == "llama3":
-        original = params.get("original_max_position_embeddings", hf_config["max_position_embeddings"])
-        return theta, RopeScaling("llama3", factor=float(params["factor"]),
-                                  low_freq_factor=float(params["low_freq_factor"]),
-                                  high_freq_factor=float(params["high_freq_factor"]),
-                                  original_max_seq_len=int(original))
-    raise ValueError(f"HF config: rope type {kind!r} is not supported (supported: default, linear, llama3)")
-
-
 def config_from_hf(hf_config: dict) -> LlamaConfig:
     """LlamaConfig from a Hugging Face config.json dict (model_type "llama" or "qwen2").
 
@@ -337,7 +304,7 @@ def config_from_hf(hf_config: dict) -> LlamaConfig:
     for what, present in unsupported.items():
         if present:
             raise ValueError(f"HF config ({model_type}): {what} is not supported by model.llama")
-    rope_theta, rope_scaling = _hf_rope_scaling(hf_config)
+    rope_theta, rope_scaling = rope_scaling_from_hf(hf_config)
     config = LlamaConfig(
         vocab_size=hf_config["vocab_size"],
         dim=dim,
@@ -361,13 +328,6 @@ def config_to_hf(config: LlamaConfig) -> dict:
     """The Hugging Face config.json dict of this config (the inverse of config_from_hf): Qwen2 when the model has
     q/k/v biases, else Llama. RoPE is written as top-level `rope_theta` + `rope_scaling`, which every
     transformers version reads (5.x also reads its own `rope_parameters` from it)."""
-    s = config.rope_scaling
-    rope_scaling = None
-    if s.type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": s.factor}
-    elif s.type == "llama3":
-        rope_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                        "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
     family = "qwen2" if config.qkv_bias else "llama"
     hf = {
         "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
@@ -382,7 +342,7 @@ def config_to_hf(config: LlamaConfig) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": rope_scaling_to_hf(config.rope_scaling),
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,

@@ -21,6 +21,7 @@ class LossOutput(NamedTuple):
     loss_sum: Tensor  # fp32 scalar: sum of per-token cross-entropy over learnable positions
     n_tokens: Tensor  # int64 scalar: number of positions whose label != ignore_index
     n_correct: Tensor  # int64 scalar: learnable positions where argmax(logits) == label
+    aux_loss: Tensor | float = 0.0  # fp32 scalar, a mean: router losses of mixture-of-experts models (else 0)
 
 
 def _rows_per_chunk(logits: Tensor) -> int:

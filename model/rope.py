@@ -14,9 +14,91 @@ Angles come from per-token position ids, so packed sequences whose positions res
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    type: str = "none"  # RoPE frequency scaling: "none" | "linear" | "llama3" | "yarn" (see model.rope.rope_inv_freq)
+    factor: float = 1.0  # context extension factor: frequencies divided by it (linear; llama3's low band; yarn's interpolated band)
+    low_freq_factor: float = 1.0  # llama3 only: wavelengths above original_max_seq_len / this are fully scaled
+    high_freq_factor: float = 4.0  # llama3 only: wavelengths below original_max_seq_len / this are kept
+    original_max_seq_len: int = 8192  # llama3 and yarn: context length the model was pretrained with
+    beta_fast: float = 32.0  # yarn only: dimensions turning more than this many times over the original context are kept
+    beta_slow: float = 1.0  # yarn only: dimensions turning fewer times than this are fully interpolated
+    truncate: bool = True  # yarn only: round the ramp's ends to whole dimensions (GPT-OSS: false)
+    attention_factor: float = 0.0  # yarn only: cos/sin multiplier; 0 = 0.1 * ln(factor) + 1 (YaRN's mscale)
+
+    def cos_sin_scale(self) -> float:
+        """The factor YaRN applies to cos and sin (1 for the other types)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.attention_factor:
+            return self.attention_factor
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+
+    def validate(self) -> None:
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling.type {self.type!r} unknown; expected one of {ROPE_SCALING_TYPES}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("rope_scaling: high_freq_factor must exceed low_freq_factor")
+        if self.type in ("linear", "llama3", "yarn") and self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
+
+
+def rope_scaling_from_hf(hf_config: dict) -> tuple[float, RopeScaling]:
+    """rope theta and scaling from either config.json format: transformers >= 5 writes `rope_parameters`
+    {rope_type, rope_theta, ...}; older files have top-level `rope_theta` and `rope_scaling` {rope_type|type, ...}."""
+    params = dict(hf_config.get("rope_scaling") or {})
+    params.update(hf_config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    original = int(params.get("original_max_position_embeddings", hf_config.get("max_position_embeddings", 8192)))
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", factor=float(params["factor"]),
+                                  low_freq_factor=float(params["low_freq_factor"]),
+                                  high_freq_factor=float(params["high_freq_factor"]), original_max_seq_len=original)
+    if kind == "yarn":
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise ValueError("HF config: yarn with mscale / mscale_all_dim (DeepSeek) is not supported")
+        return theta, RopeScaling("yarn", factor=float(params["factor"]), original_max_seq_len=original,
+                                  beta_fast=float(params.get("beta_fast") or 32.0),
+                                  beta_slow=float(params.get("beta_slow") or 1.0),
+                                  truncate=bool(params.get("truncate", True)),
+                                  attention_factor=float(params.get("attention_factor") or 0.0))
+    raise ValueError(f"HF config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+
+
+def rope_scaling_to_hf(s: RopeScaling) -> dict | None:
+    """The HF `rope_scaling` dict of a RopeScaling (None for plain RoPE): the inverse of rope_scaling_from_hf."""
+    if s.type == "linear":
+        return {"rope_type": "linear", "factor": s.factor}
+    if s.type == "llama3":
+        return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
+    if s.type == "yarn":
+        out = {"rope_type": "yarn", "factor": s.factor, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
+               "truncate": s.truncate, "original_max_position_embeddings": s.original_max_seq_len}
+        if s.attention_factor:
+            out["attention_factor"] = s.attention_factor
+        return out
+    return None
+
+
+def rope_inv_freq_for(head_dim: int, theta: float, s: RopeScaling, device=None) -> Tensor:
+    """rope_inv_freq with the fields of a RopeScaling."""
+    return rope_inv_freq(head_dim, theta, s.type, s.factor, s.low_freq_factor, s.high_freq_factor,
+                         s.original_max_seq_len, device=device, beta_fast=s.beta_fast, beta_slow=s.beta_slow,
+                         truncate=s.truncate)
 
 
 def rope_inv_freq(
@@ -28,6 +110,9 @@ def rope_inv_freq(
     high_freq_factor: float = 4.0,
     original_max_seq_len: int = 8192,
     device: torch.device | str | None = None,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
 ) -> Tensor:
     """Inverse frequencies (head_dim // 2,) in fp32, computed as Hugging Face's rope utils compute them.
 
@@ -37,6 +122,12 @@ def rope_inv_freq(
         L = original_max_seq_len: w < L / high_freq_factor keeps inv_freq (high frequencies: local order);
         w > L / low_freq_factor divides it by `factor` (low frequencies: long range); in between it blends
         (1 - s) * inv_freq / factor + s * inv_freq, with s = (L / w - low_freq_factor) / (high - low).
+    scaling="yarn": YaRN (Peng et al. 2023, "NTK-by-parts"). Dimension pair j turns L * inv_freq[j] / (2 pi) times
+        over the original context L. Pairs turning more than beta_fast times keep inv_freq (extrapolation), pairs
+        turning fewer than beta_slow times get inv_freq / factor (interpolation), and a linear ramp over the pair
+        index blends between them: the ramp runs from d(beta_fast) to d(beta_slow), where
+        d(r) = head_dim * ln(L / (2 pi r)) / (2 ln theta) is the pair that turns r times (rounded outwards when
+        truncate). cos and sin are also multiplied by RopeScaling.cos_sin_scale() (0.1 ln(factor) + 1).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim  # (D/2,)
     inv_freq = 1.0 / (theta**exponents)  # (D/2,)
@@ -53,12 +144,28 @@ def rope_inv_freq(
         blended = (1 - smooth) * scaled / factor + smooth * scaled  # (D/2,)
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)  # (D/2,)
         return torch.where(is_medium, blended, scaled)
-    raise ValueError(f"unknown rope scaling type {scaling!r}; expected 'none', 'linear' or 'llama3'")
+    if scaling == "yarn":
+        def pair_turning(r: float) -> float:
+            return head_dim * math.log(original_max_seq_len / (r * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # avoid dividing by zero
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # (D/2,) 1 = extrapolate (keep inv_freq), 0 = interpolate (inv_freq / factor)
+        return inv_freq / factor * (1 - keep) + inv_freq * keep
+    raise ValueError(f"unknown rope scaling type {scaling!r}; expected one of {ROPE_SCALING_TYPES}")
 
 
-def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, fp32, each (B, T, D/2) for position_ids (B, T) (B may be 1)."""
+def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles (times `scale`, YaRN's attention factor), fp32, each (B, T, D/2) for
+    position_ids (B, T) (B may be 1)."""
     angles = position_ids[..., None].float() * inv_freq.float()  # (B, T, D/2)
+    if scale != 1.0:
+        return angles.cos() * scale, angles.sin() * scale
     return angles.cos(), angles.sin()
 
 

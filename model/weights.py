@@ -2,11 +2,14 @@
 
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from model import mxfp4
 
 _MAX_LISTED = 30  # names listed per category in a WeightMismatchError message
 
@@ -81,12 +84,86 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str], str | None] | None = None) -> None:
+class Transform(NamedTuple):
+    """How one of our tensors is stored in a checkpoint when it is not a plain rename (a fused-expert layout, a
+    transpose). Keyed by our name pattern ("layers.{i}.moe.w_gate_up") in a family's HF_TRANSFORMS."""
+    shape: Callable[[tuple], tuple]  # checkpoint shape -> our shape (checked before any tensor is read)
+    load: Callable[[torch.Tensor], torch.Tensor]  # checkpoint tensor -> ours
+    export: Callable[[torch.Tensor], torch.Tensor]  # ours -> checkpoint tensor (the inverse of load)
+
+
+def transform_finder(transforms: dict[str, Transform] | None) -> Callable[[str], Transform | None]:
+    """name -> its Transform (patterns with "{i}" for a layer index), or None for a plain copy."""
+    compiled = [(re.compile("^" + re.escape(p).replace(re.escape("{i}"), r"\d+") + "$"), t)
+                for p, t in (transforms or {}).items()]
+
+    def find(name: str) -> Transform | None:
+        return next((t for regex, t in compiled if regex.match(name)), None)
+
+    return find
+
+
+class CheckpointReader:
+    """The tensors of one or more safetensors files, by name: shapes from the headers, tensors read one at a time.
+
+    An MXFP4 pair `X_blocks` + `X_scales` (GPT-OSS experts) appears as one tensor `X` in its unquantised layout
+    (model.mxfp4), dequantised to the requested dtype only when it is read.
+    """
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._files = {}
+        raw: dict[str, tuple[str, tuple]] = {}  # name -> (path, shape)
+        duplicates = []
+        for path in self.paths:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in raw:
+                        duplicates.append(f"{name} (in {raw[name][0]} and {path})")
+                    raw[name] = (path, tuple(f.get_slice(name).get_shape()))
+        if duplicates:
+            raise ValueError("checkpoint: tensors stored more than once: " + ", ".join(duplicates))
+        self.shapes: dict[str, tuple] = {}
+        self._sources: dict[str, tuple] = {}  # name -> ("plain", name) | ("mxfp4", blocks name, scales name)
+        for name, (path, shape) in raw.items():
+            if name.endswith(mxfp4.SCALES_SUFFIX) and name[:-len(mxfp4.SCALES_SUFFIX)] + mxfp4.BLOCKS_SUFFIX in raw:
+                continue  # read with its blocks
+            if name.endswith(mxfp4.BLOCKS_SUFFIX):
+                base = name[:-len(mxfp4.BLOCKS_SUFFIX)]
+                scales = base + mxfp4.SCALES_SUFFIX
+                if scales not in raw:
+                    raise ValueError(f"checkpoint: MXFP4 tensor {name} has no {scales} beside it")
+                self.shapes[base] = mxfp4.dense_shape(shape, raw[scales][1], base)
+                self._sources[base] = ("mxfp4", name, scales)
+            else:
+                self.shapes[name] = shape
+                self._sources[name] = ("plain", name)
+        self._path_of = {name: path for name, (path, _) in raw.items()}
+
+    def _raw(self, name: str) -> torch.Tensor:
+        path = self._path_of[name]
+        if path not in self._files:
+            self._files[path] = safe_open(path, framework="pt", device="cpu")
+        return self._files[path].get_tensor(name)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        source = self._sources[name]
+        if source[0] == "mxfp4":
+            return mxfp4.mxfp4_to_dense(self._raw(source[1]), self._raw(source[2]), dtype or torch.bfloat16)
+        return self._raw(name)
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str], str | None] | None = None,
+                     transforms: dict[str, Transform] | None = None) -> None:
     """Fill the model's parameters and persistent buffers from safetensors files, then call model.init_buffers().
 
     Reads only headers first: every tensor name is renamed with key_map (theirs -> ours; None = keep names;
-    a None result skips the tensor) and names and shapes are checked against the model before anything is
-    copied. Then tensors are read one at a time and copied into the existing parameters (cast to their dtype,
+    a None result skips the tensor), its shape passed through its Transform (if any), and names and shapes are
+    checked against the model before anything is copied. Then tensors are read one at a time (MXFP4 pairs
+    dequantised as they come), transformed, and copied into the existing parameters (cast to their dtype,
     moved to their device), so peak extra memory is one tensor. A tied parameter (output head sharing the
     embedding) is filled from whichever of its names the checkpoint holds; if it holds both, the shapes must agree
     and the canonical one (the embedding) is used.
@@ -98,21 +175,22 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
     for name, tensor in targets.items():
         if tensor.is_meta:
             raise ValueError(f"load_safetensors: {name} is on the meta device; call model.to_empty(device=...) first")
+    find_transform = transform_finder(transforms)
 
-    # 1) headers only: where each of our names lives and with what shape
-    location: dict[str, tuple[str, str]] = {}  # our name -> (path, their name)
+    # 1) headers only: which checkpoint tensor each of our names comes from, and with what shape
+    reader = CheckpointReader(paths)
+    location: dict[str, str] = {}  # our name -> their name
     found: dict[str, tuple] = {}
     duplicates = []
-    for path in paths:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for their_name in f.keys():
-                name = key_map(their_name) if key_map is not None else their_name
-                if name is None:
-                    continue
-                if name in found:
-                    duplicates.append(f"{name} (in {location[name][0]} and {path})")
-                location[name] = (path, their_name)
-                found[name] = tuple(f.get_slice(their_name).get_shape())
+    for their_name, shape in reader.shapes.items():
+        name = key_map(their_name) if key_map is not None else their_name
+        if name is None:
+            continue
+        if name in found:
+            duplicates.append(f"{name} (from {location[name]} and {their_name})")
+        transform = find_transform(name)
+        location[name] = their_name
+        found[name] = tuple(transform.shape(shape)) if transform is not None else shape
     if duplicates:
         raise ValueError("load_safetensors: tensors stored more than once: " + ", ".join(duplicates))
     for alias, canonical in aliases.items():
@@ -125,15 +203,13 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
     expected = {name: tuple(t.shape) for name, t in targets.items() if name not in aliases}
     check_tensors(expected, found, ", ".join(paths))
 
-    # 2) stream: one tensor at a time, file by file
-    by_path: dict[str, list[tuple[str, str]]] = {}
-    for name, (path, their_name) in location.items():
-        by_path.setdefault(path, []).append((name, their_name))
+    # 2) stream: one tensor at a time
     with torch.no_grad():
-        for path, names in by_path.items():
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name, their_name in names:
-                    targets[name].copy_(f.get_tensor(their_name))
+        for name, their_name in location.items():
+            tensor = reader.get(their_name, dtype=targets[name].dtype)
+            transform = find_transform(name)
+            targets[name].copy_(transform.load(tensor) if transform is not None else tensor)
+    reader.close()
     if hasattr(model, "init_buffers"):
         model.init_buffers()
 

@@ -20,7 +20,7 @@ from model import loss as loss_module
 from model.hf import from_pretrained
 from model.llama import HF_KEY_MAP, RopeScaling, config_from_hf
 from model.loss import lm_loss, lm_loss_ref
-from model.rope import rope_inv_freq
+from model.rope import rope_inv_freq, rope_inv_freq_for
 from model.weights import WeightMismatchError, check_tensors, key_mapper, load_safetensors, save_safetensors
 
 LOGITS_ATOL = 1e-5
@@ -124,24 +124,27 @@ def test_parity_with_transformers(case, tmp_path):
         assert max_rel_diff(ours_grad, p.grad) <= GRAD_RTOL, hf_name
 
 
-@pytest.mark.parametrize("rope", ["none", "linear", "llama3"])
+@pytest.mark.parametrize("rope", ["none", "linear", "llama3", "yarn", "yarn-truncated"])
 def test_rope_inv_freq_matches_transformers(rope):
-    """Llama 3.2's own rope settings (head_dim 64, theta 5e5, llama3 factor 32): bit-identical inverse frequencies."""
+    """Llama 3.2's own rope settings (head_dim 64, theta 5e5, llama3 factor 32) and GPT-OSS's yarn (factor 32,
+    beta 32/1, original 4096, not truncated): bit-identical inverse frequencies and the same cos/sin factor."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = {"none": {"rope_type": "default"}, "linear": {"rope_type": "linear", "factor": 8.0},
               "llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}}[rope]
+                         "original_max_position_embeddings": 8192},
+              "yarn": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                       "original_max_position_embeddings": 4096},
+              "yarn-truncated": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}[rope]
     hf_config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072,
                                          rope_parameters={"rope_theta": 500000.0, **params})
     if rope == "none":
-        theirs = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq
+        theirs, theirs_scale = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq, 1.0
     else:
-        theirs, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config)
+        theirs, theirs_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config)
     ours_config = config_from_hf(hf_config.to_dict())
-    s = ours_config.rope_scaling
-    ours = rope_inv_freq(64, ours_config.rope_theta, s.type, s.factor, s.low_freq_factor, s.high_freq_factor,
-                         s.original_max_seq_len)
+    ours = rope_inv_freq_for(64, ours_config.rope_theta, ours_config.rope_scaling)
+    assert ours_config.rope_scaling.cos_sin_scale() == pytest.approx(theirs_scale, rel=1e-12)
     assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
 
 
@@ -156,14 +159,14 @@ def test_config_from_hf_legacy_format_and_unsupported_features():
     assert config_from_hf(old_linear).rope_scaling == RopeScaling("linear", factor=2.0)
     for bad, match in [({"model_type": "gpt2"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act"),
                        ({"attention_bias": True}, "attention_bias"), ({"head_dim": 128}, "head_dim"),
-                       ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn")]:
+                       ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "dynamic")]:
         with pytest.raises(ValueError, match=match):
             config_from_hf(dict(legacy, **bad))
 
 
 def test_config_validate_names_the_bad_field():
     for change, match in [({"attn_backend": "flash9"}, "attn_backend"), ({"dim": 100}, "n_heads"),
-                          ({"n_kv_heads": 5}, "n_kv_heads"), ({"rope_scaling": RopeScaling("yarn")}, "rope_scaling")]:
+                          ({"n_kv_heads": 5}, "n_kv_heads"), ({"rope_scaling": RopeScaling("dynamic")}, "rope_scaling")]:
         with pytest.raises(ValueError, match=match):
             LlamaConfig(**{**LLAMA_CONFIGS["debug"].__dict__, **change}).validate()
     for config in LLAMA_CONFIGS.values():

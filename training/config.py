@@ -16,11 +16,13 @@ import importlib.util
 import inspect
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model import MODELS, ModelConfig
 from model.llama import LlamaConfig
 
 
@@ -92,7 +94,7 @@ class TrainConfig:
     init_from: str = ""  # start from a Hugging Face model directory or .gguf file: its shape and weights replace `model` (model.attn_backend still applies)
     init_rope_theta: float = 0.0  # with init_from: override the model's RoPE theta (raise it to extend the context); 0 = keep
     init_max_seq_len: int = 0  # with init_from: override the model's context length; 0 = keep
-    model: LlamaConfig = field(default_factory=LlamaConfig)
+    model: ModelConfig = field(default_factory=LlamaConfig)  # any family's config (model.MODELS); configs/ files pick it
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -155,7 +157,7 @@ def _owner_and_type(cfg: Any, key: str) -> tuple[Any, str, Any]:
 def parse_value(key: str, text: str, typ: Any) -> Any:
     """Parse `text` to `typ` (bool, int, float, str, Literal[...], Optional[...]); ConfigError if it does not fit."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if text.lower() in ("none", "null"):
             return None
         return parse_value(key, text, next(a for a in args if a is not type(None)))
@@ -283,8 +285,15 @@ def help_text(cfg: TrainConfig, path: str) -> str:
     return "\n".join(lines)
 
 
+MODEL_CONFIG_KEY = "config_class"  # in a saved model config: which family's config class it is
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A plain dict of a config; a model config also records its class name, so that from_dict rebuilds it."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, TrainConfig):
+        out["model"][MODEL_CONFIG_KEY] = type(cfg.model).__name__
+    return out
 
 
 def from_dict(cls: type, data: dict) -> Any:
@@ -295,6 +304,9 @@ def from_dict(cls: type, data: dict) -> Any:
         if f.name not in data:
             continue
         value, typ = data[f.name], hints[f.name]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            by_name = {c.__name__: c for c in MODELS}  # the model field: its family from the saved class name
+            typ = by_name[value.get(MODEL_CONFIG_KEY, LlamaConfig.__name__)]
         kwargs[f.name] = from_dict(typ, value) if dataclasses.is_dataclass(typ) else value
     return cls(**kwargs)
 

@@ -14,12 +14,18 @@ What every family module (llama.py, gemma2.py, gpt_oss.py, granite_moe.py) provi
 import torch
 from torch import nn
 
+from model.gemma2 import GEMMA2_CONFIGS, Gemma2, Gemma2Config
+from model.gpt_oss import GPT_OSS_CONFIGS, GptOss, GptOssConfig
+from model.granite_moe import GRANITE_MOE_CONFIGS, GraniteMoe, GraniteMoeConfig
 from model.llama import LLAMA_CONFIGS, Llama, LlamaConfig
 
 MODELS: dict[type, type[nn.Module]] = {
     LlamaConfig: Llama,
+    Gemma2Config: Gemma2,
+    GptOssConfig: GptOss,
+    GraniteMoeConfig: GraniteMoe,
 }
-ModelConfig = LlamaConfig
+ModelConfig = LlamaConfig | Gemma2Config | GptOssConfig | GraniteMoeConfig
 
 
 def build_model(config) -> nn.Module:
@@ -36,4 +42,4 @@ def build_model(config) -> nn.Module:
         return model_class(config)
 
 
-__all__ = ["LLAMA_CONFIGS", "Llama", "LlamaConfig", "MODELS", "ModelConfig", "build_model"]
+__all__ = ["GEMMA2_CONFIGS", "GPT_OSS_CONFIGS", "Gemma2", "Gemma2Config", "GptOss", "GptOssConfig", "GRANITE_MOE_CONFIGS", "GraniteMoe", "GraniteMoeConfig", "LLAMA_CONFIGS", "Llama", "LlamaConfig", "MODELS", "ModelConfig", "build_model"]

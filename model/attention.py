@@ -41,7 +41,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from model.rope import apply_rope
 
 BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
 ALL_FEATURES = frozenset({"window", "documents", "softcap", "sinks", "mask", "kv_cache"})
@@ -332,3 +334,46 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", causal:
         return sdpa_attention(q, k, v, causal=causal, scale=scale, window=window, doc_ids=doc_ids, mask=mask)
     return eager_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
                            doc_ids=doc_ids, mask=mask)
+
+
+# ----------------------------------------------------------------------------- the layer around it
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and a KV cache: the projections around attention().
+
+        q, k, v = x @ wq, x @ wk, x @ wv  (+ biases)    rotated by RoPE (cos, sin), k and v appended to the cache
+        out = attention(q, k, v, window, softcap, sinks, documents, mask) @ wo  (+ bias)
+
+    The families differ only in arguments: Qwen2 has q/k/v biases, GPT-OSS biases on all four and sinks,
+    Gemma2 a softcap and its own scale, GraniteMoE its attention multiplier as the scale; Gemma2 and GPT-OSS
+    slide a window on some layers.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer_id: int, backend: str = "sdpa",
+                 *, qkv_bias: bool = False, out_bias: bool = False, scale: float | None = None, window: int = 0,
+                 softcap: float = 0.0, sinks: bool = False):
+        super().__init__()
+        self.layer_id = layer_id  # its slot in a KVCache
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.backend, self.scale, self.window, self.softcap = backend, scale, window, softcap
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.sinks = nn.Parameter(torch.empty(n_heads)) if sinks else None  # (n_heads,) one logit per head
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)
+        y = attention(q, k, v, backend=self.backend, scale=self.scale, window=self.window, softcap=self.softcap,
+                      sinks=self.sinks, cu_seqlens=cu_seqlens, mask=mask)  # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
+        return self.wo(y)  # (B, T, dim)

@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from data.corpora import cache_dir
-from model import build_model, llama
+from model import build_model, gemma2, gpt_oss, granite_moe, llama
 from model.weights import key_mapper, load_safetensors, tied_names, transform_finder
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama,)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gemma2, gpt_oss, granite_moe)
 # model_type in config.json -> the family module that implements it
 FAMILIES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.HF_MODEL_TYPES}
 # our config class -> its family module (for export)

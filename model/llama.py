@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, attention, causal_padding_mask
+from model.attention import BACKENDS, SelfAttention, causal_padding_mask
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
-from model.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
+from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
 
 @dataclass
 class LlamaConfig:
@@ -78,33 +78,6 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 
-class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id  # its slot in a KVCache
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
-        self.head_dim = config.dim // config.n_heads
-        self.backend = config.attn_backend
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache is not None:
-            k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)
-        y = attention(q, k, v, mask=mask, cu_seqlens=cu_seqlens, backend=self.backend)  # (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
-        return self.wo(y)  # (B, T, dim)
-
-
 class MLP(nn.Module):
     """SwiGLU (Shazeer, 2020): w_down(silu(w_gate(x)) * w_up(x))."""
 
@@ -123,7 +96,8 @@ class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config, layer_id)
+        self.attn = SelfAttention(config.dim, config.n_heads, config.n_kv_heads, config.dim // config.n_heads, layer_id,
+                                  config.attn_backend, qkv_bias=config.qkv_bias)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 

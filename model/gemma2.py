@@ -1,0 +1,291 @@
+"""Gemma 2 (Gemma Team, 2024), written to load Hugging Face checkpoints directly.
+
+    x = embedding(tokens) * sqrt(dim)
+    n_layers x [ x = x + PostNorm(Attention(PreNorm(x)));  x = x + PostNorm(GeGLU(PreNorm(x))) ]
+    logits = 30 * tanh(output(RMSNorm(x)) / 30)
+
+What sets it apart from Llama:
+- RMSNorm scales by (1 + weight), in fp32; four norms per block (before and after attention and the MLP).
+- The MLP is GeGLU: w_down(gelu_tanh(w_gate(x)) * w_up(x)).
+- Attention scores are scaled by query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5; head_dim is its own
+  setting) and capped: 50 * tanh(scores / 50). Layers alternate sliding-window (4096 keys, even layers) and
+  full attention (odd layers), as HF's default layer_types.
+- The final logits are capped too, and the output head is the embedding matrix.
+
+Softcapping rules out sdpa: "auto" picks eager on CPU and flex on a GPU.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import BACKENDS, SelfAttention, causal_padding_mask
+from model.kv_cache import KVCache
+from model.loss import LossOutput, lm_loss
+from model.norm import RMSNorm
+from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+@dataclass
+class Gemma2Config:
+    vocab_size: int = 256000  # embedding rows / output logits
+    dim: int = 2304  # model (residual stream) width
+    n_layers: int = 26  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    head_dim: int = 256  # per-head width (independent of dim / n_heads)
+    ffn_dim: int = 9216  # hidden size of the GeGLU MLP
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_seq_len: int = 8192  # longest sequence the model is meant for (HF max_position_embeddings)
+    query_pre_attn_scalar: int = 256  # attention scores are scaled by this ** -0.5
+    sliding_window: int = 4096  # keys seen by a sliding-window layer (the query and the window - 1 before it)
+    layer_types: tuple = ()  # per layer "sliding_attention" | "full_attention"; () = alternate, layer 0 sliding
+    attn_softcap: float = 50.0  # attention scores -> cap * tanh(scores / cap); 0 = off
+    final_softcap: float = 30.0  # output logits -> cap * tanh(logits / cap); 0 = off
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    attn_backend: str = "auto"  # attention implementation (model.attention): auto | eager | sdpa | flex | flash
+    init_std: float = 0.02  # std of the normal init (see Gemma2.init_weights)
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else LAYER_TYPES[i % 2]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
+                     "sliding_window"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Gemma2Config.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"Gemma2Config.head_dim ({self.head_dim}) must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"Gemma2Config.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.sliding_window > self.max_seq_len:
+            raise ValueError(f"Gemma2Config.sliding_window ({self.sliding_window}) is larger than the context "
+                             f"max_seq_len ({self.max_seq_len}): lower sliding_window or raise max_seq_len")
+        if self.layer_types and (len(self.layer_types) != self.n_layers or set(self.layer_types) - set(LAYER_TYPES)):
+            raise ValueError(f"Gemma2Config.layer_types must list one of {LAYER_TYPES} per layer ({self.n_layers})")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"Gemma2Config.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+        self.rope_scaling.validate()
+
+
+# Named sizes, each the exact shape of the published model (its config.json).
+GEMMA2_CONFIGS: dict[str, Gemma2Config] = {
+    "debug": Gemma2Config(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                          max_seq_len=256, query_pre_attn_scalar=16, sliding_window=32),
+    "gemma-2-2b": Gemma2Config(),
+    "gemma-2-9b": Gemma2Config(dim=3584, n_layers=42, n_heads=16, n_kv_heads=8, head_dim=256, ffn_dim=14336,
+                               query_pre_attn_scalar=256),
+    "gemma-2-27b": Gemma2Config(dim=4608, n_layers=46, n_heads=32, n_kv_heads=16, head_dim=128, ffn_dim=36864,
+                                query_pre_attn_scalar=144),
+}
+
+
+class MLP(nn.Module):
+    """GeGLU (Shazeer, 2020) with the tanh approximation of GELU: w_down(gelu(w_gate(x)) * w_up(x))."""
+
+    def __init__(self, config: Gemma2Config):
+        super().__init__()
+        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.gelu(self.w_gate(x), approximate="tanh") * self.w_up(x)  # (B, T, ffn_dim)
+        return self.w_down(h)  # (B, T, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Gemma2Config, layer_id: int):
+        super().__init__()
+        c = config
+        window = c.sliding_window if c.layer_type(layer_id) == "sliding_attention" else 0
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
+        self.attn = SelfAttention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, layer_id, c.attn_backend,
+                                  scale=c.query_pre_attn_scalar ** -0.5, window=window, softcap=c.attn_softcap)
+        self.post_attn_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
+        self.mlp = MLP(c)
+        self.post_mlp_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens))  # (B, T, dim)
+        x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))  # (B, T, dim)
+        return x
+
+
+class Gemma2(nn.Module):
+    def __init__(self, config: Gemma2Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, unit_offset=True)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # moving off the meta device gives every module new Parameters: tie the head again; keep inv_freq fp32
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE inverse frequencies (fp32) on their current device."""
+        c = self.config
+        self.inv_freq = rope_inv_freq_for(c.head_dim, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor in place, then call init_buffers().
+
+        - tok_embeddings.weight (also the output head when tied): normal(0, init_std)
+        - wq, wk, wv, w_gate, w_up weights:                          normal(0, init_std)
+        - wo, w_down weights (they write into the residual stream):  normal(0, init_std / sqrt(2 * n_layers))
+        - output.weight (untied):                                    normal(0, init_std)
+        - RMSNorm weights: zeros (the scale is 1 + weight)
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            for linear in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.mlp.w_gate, layer.mlp.w_up):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(layer.attn.wo.weight, std=residual_std)
+            nn.init.normal_(layer.mlp.w_down.weight, std=residual_std)
+            for norm in (layer.attn_norm, layer.post_attn_norm, layer.mlp_norm, layer.post_mlp_norm):
+                norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        self.init_buffers()
+
+    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
+
+        position_ids, cache, attention_mask and cu_seqlens (packed documents) as in model.llama.Llama.forward.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
+        mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)  # the normaliser, rounded to x's dtype as in HF
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.output(self.norm(x))  # (B, T, vocab_size)
+        cap = self.config.final_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if labels is None:
+            return logits
+        return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len,
+                       dtype or self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once); non_embedding leaves out the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, 6 * N_matmul + 12 * head_dim * n_heads * sum over layers of the keys a query
+        sees (min(window, seq_len) on sliding layers): PaLM's appendix B count, with windows."""
+        c = self.config
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        spans = sum(min(layer.attn.window or seq_len, seq_len) for layer in self.layers)
+        return 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * spans
+
+
+CONFIG_CLASS = Gemma2Config
+HF_MODEL_TYPES = ("gemma2",)
+
+# Hugging Face Gemma2ForCausalLM names -> ours ("{i}" is a layer index).
+HF_KEY_MAP: dict[str, str | None] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attn_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w_down.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.post_mlp_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def config_from_hf(hf: dict) -> Gemma2Config:
+    """Gemma2Config from a Hugging Face config.json dict (model_type "gemma2"); unsupported features raise."""
+    if hf.get("model_type") != "gemma2":
+        raise ValueError(f"HF config: model_type {hf.get('model_type')!r} is not gemma2")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    unsupported = {
+        f"hidden_activation {act!r} (only gelu_pytorch_tanh)": act not in ("gelu_pytorch_tanh", "gelu_tanh"),
+        "attention_bias": hf.get("attention_bias", False),
+        "use_bidirectional_attention": hf.get("use_bidirectional_attention", False),
+    }
+    for what, present in unsupported.items():
+        if present:
+            raise ValueError(f"HF config (gemma2): {what} is not supported by model.gemma2")
+    rope_theta, rope_scaling = rope_scaling_from_hf(hf)
+    n_layers = hf["num_hidden_layers"]
+    layer_types = tuple(hf.get("layer_types") or ())
+    config = Gemma2Config(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers, n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim", 256),
+        ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+        rope_scaling=rope_scaling, max_seq_len=hf.get("max_position_embeddings", 8192),
+        query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar", 256)),
+        sliding_window=int(hf.get("sliding_window") or 4096),
+        layer_types=() if layer_types == tuple(LAYER_TYPES[i % 2] for i in range(n_layers)) else layer_types,
+        attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    config.validate()
+    return config
+
+
+def config_to_hf(config: Gemma2Config) -> dict:
+    """The Hugging Face config.json dict of this config (the inverse of config_from_hf)."""
+    c = config
+    return {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
+        "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.ffn_dim,
+        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling_to_hf(c.rope_scaling), "max_position_embeddings": c.max_seq_len,
+        "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
+        "layer_types": [c.layer_type(i) for i in range(c.n_layers)],
+        "attn_logit_softcapping": c.attn_softcap or None, "final_logit_softcapping": c.final_softcap or None,
+        "attention_bias": False, "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
+    }

@@ -1,0 +1,274 @@
+"""GraniteMoE (IBM Granite 3.0 MoE: granite-3.0-1b-a400m, granite-3.0-3b-a800m), loading HF checkpoints directly.
+
+    x = embedding(tokens) * embedding_multiplier
+    n_layers x [ x = x + residual_multiplier * Attention(RMSNorm(x));
+                 x = x + residual_multiplier * MoE(RMSNorm(x)) ]
+    logits = output(RMSNorm(x)) / logits_scaling
+
+A Llama-shaped decoder with four scalar multipliers (the muP-style knobs of the Granite recipe): the attention
+scores are scaled by attention_multiplier instead of head_dim ** -0.5, and every MLP is a mixture of experts
+(model.moe): a bias-free router picks the top k experts and softmaxes their k logits; each expert is a SwiGLU.
+
+Checkpoints store each layer's experts as `block_sparse_moe.input_linear.weight` (E, 2 * ffn, dim), the gate
+rows then the up rows, and `block_sparse_moe.output_linear.weight` (E, dim, ffn): exactly our layout, so the
+key map is a plain rename (transformers >= 5 renames them in memory; on disk they keep these names).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import BACKENDS, SelfAttention, causal_padding_mask
+from model.kv_cache import KVCache
+from model.loss import LossOutput, lm_loss
+from model.moe import MoE
+from model.norm import RMSNorm
+from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
+
+
+@dataclass
+class GraniteMoeConfig:
+    vocab_size: int = 49155  # embedding rows / output logits
+    dim: int = 1024  # model (residual stream) width
+    n_layers: int = 24  # transformer blocks
+    n_heads: int = 16  # query heads; head_dim = dim / n_heads
+    n_kv_heads: int = 8  # key/value heads (grouped-query attention)
+    ffn_dim: int = 512  # hidden size of each expert
+    n_experts: int = 32  # experts per MoE layer
+    top_k: int = 8  # experts each token is routed to
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_seq_len: int = 4096  # longest sequence the model is meant for (HF max_position_embeddings)
+    embedding_multiplier: float = 12.0  # token embeddings are multiplied by this
+    attention_multiplier: float = 0.015625  # attention score scale (instead of head_dim ** -0.5)
+    residual_multiplier: float = 0.22  # each block's attention and MoE outputs are multiplied by this
+    logits_scaling: float = 6.0  # output logits are divided by this
+    aux_loss_coef: float = 0.0  # load-balancing loss weight (HF's router_aux_loss_coef is 0.001); 0 = off
+    z_loss_coef: float = 0.0  # router z-loss weight; 0 = off
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    attn_backend: str = "auto"  # attention implementation (model.attention): auto | eager | sdpa | flex | flash
+    init_std: float = 0.02  # std of the normal init (see GraniteMoe.init_weights)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k",
+                     "max_seq_len", "logits_scaling"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GraniteMoeConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"GraniteMoeConfig: dim ({self.dim}) / n_heads ({self.n_heads}) must be an even integer")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"GraniteMoeConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"GraniteMoeConfig.top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"GraniteMoeConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
+        self.rope_scaling.validate()
+
+
+# Named sizes, each the exact shape of the published model (its config.json).
+GRANITE_MOE_CONFIGS: dict[str, GraniteMoeConfig] = {
+    "debug": GraniteMoeConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32, n_experts=4,
+                              top_k=2, max_seq_len=256, attention_multiplier=0.25),
+    "granite-3.0-1b-a400m": GraniteMoeConfig(),
+    "granite-3.0-3b-a800m": GraniteMoeConfig(dim=1536, n_layers=32, n_heads=24, n_kv_heads=8, ffn_dim=512,
+                                             n_experts=40, top_k=8),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, config: GraniteMoeConfig, layer_id: int):
+        super().__init__()
+        c = config
+        self.residual_multiplier = c.residual_multiplier
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attn = SelfAttention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, layer_id, c.attn_backend,
+                                  scale=c.attention_multiplier)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
+        self.moe = MoE(c.dim, c.ffn_dim, c.n_experts, c.top_k, activation="silu", aux_loss_coef=c.aux_loss_coef,
+                       z_loss_coef=c.z_loss_coef)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens) * self.residual_multiplier
+        h, router = self.moe(self.mlp_norm(x))  # (B, T, dim)
+        return x + h * self.residual_multiplier, router.aux_loss
+
+
+class GraniteMoe(nn.Module):
+    def __init__(self, config: GraniteMoeConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # moving off the meta device gives every module new Parameters: tie the head again; keep inv_freq fp32
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE inverse frequencies (fp32) on their current device."""
+        c = self.config
+        self.inv_freq = rope_inv_freq_for(c.head_dim, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor in place, then call init_buffers().
+
+        - tok_embeddings.weight, output.weight (untied):       normal(0, init_std)
+        - wq, wk, wv weights, router weight, expert w_gate_up:  normal(0, init_std)
+        - wo weight, expert w_down (they write into the residual stream): normal(0, init_std / sqrt(2 * n_layers))
+        - RMSNorm weights: ones
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            for linear in (layer.attn.wq, layer.attn.wk, layer.attn.wv):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(layer.attn.wo.weight, std=residual_std)
+            layer.moe.init_weights(std, residual_std)
+            layer.attn_norm.reset_parameters()
+            layer.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        self.init_buffers()
+
+    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given (its
+        aux_loss is the mean over layers of the router losses, when their coefficients are set).
+
+        position_ids, cache, attention_mask and cu_seqlens (packed documents) as in model.llama.Llama.forward.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
+        mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
+        x = self.tok_embeddings(idx) * self.config.embedding_multiplier  # (B, T, dim)
+        aux = torch.zeros((), device=idx.device)
+        for layer in self.layers:
+            x, layer_aux = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
+            aux = aux + layer_aux
+        if cache is not None:
+            cache.advance(T)
+        logits = self.output(self.norm(x)) / self.config.logits_scaling  # (B, T, vocab_size)
+        if labels is None:
+            return logits
+        return lm_loss(logits, labels, reuse_logits=True)._replace(aux_loss=aux / self.config.n_layers)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len,
+                       dtype or self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
+
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once). non_embedding leaves out the token embedding;
+        active counts only the top_k of n_experts experts a token goes through."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            c = self.config
+            expert = sum(layer.moe.w_gate_up.numel() + layer.moe.w_down.numel() for layer in self.layers)
+            n -= expert * (c.n_experts - c.top_k) // c.n_experts
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token with *active* weights: 6 * (attention + router + top_k experts + head weights)
+        + 12 * n_layers * n_heads * head_dim * seq_len (PaLM's appendix B count)."""
+        c = self.config
+        dense = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))  # attention, routers, head
+        experts = c.n_layers * c.top_k * (3 * c.dim * c.ffn_dim)
+        return 6.0 * (dense + experts) + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face interop
+
+CONFIG_CLASS = GraniteMoeConfig
+HF_MODEL_TYPES = ("granitemoe",)
+
+# Hugging Face GraniteMoeForCausalLM names as saved on disk -> ours ("{i}" is a layer index).
+HF_KEY_MAP: dict[str, str | None] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.block_sparse_moe.router.layer.weight": "layers.{i}.moe.router.weight",
+    "model.layers.{i}.block_sparse_moe.input_linear.weight": "layers.{i}.moe.w_gate_up",
+    "model.layers.{i}.block_sparse_moe.output_linear.weight": "layers.{i}.moe.w_down",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def config_from_hf(hf: dict) -> GraniteMoeConfig:
+    """GraniteMoeConfig from a Hugging Face config.json dict (model_type "granitemoe"); unsupported features raise."""
+    if hf.get("model_type") != "granitemoe":
+        raise ValueError(f"HF config: model_type {hf.get('model_type')!r} is not granitemoe")
+    unsupported = {
+        f"hidden_act {hf.get('hidden_act')!r} (only silu)": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": hf.get("attention_bias", False),
+        "head_dim != hidden_size / num_attention_heads":
+            hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]) != hf["hidden_size"] // hf["num_attention_heads"],
+    }
+    for what, present in unsupported.items():
+        if present:
+            raise ValueError(f"HF config (granitemoe): {what} is not supported by model.granite_moe")
+    rope_theta, rope_scaling = rope_scaling_from_hf(hf)
+    config = GraniteMoeConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_dim=hf["intermediate_size"], n_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        attention_multiplier=float(hf.get("attention_multiplier", 1.0)),
+        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+        logits_scaling=float(hf.get("logits_scaling", 1.0)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    config.validate()
+    return config
+
+
+def config_to_hf(config: GraniteMoeConfig) -> dict:
+    """The Hugging Face config.json dict of this config (the inverse of config_from_hf)."""
+    c = config
+    return {
+        "architectures": ["GraniteMoeForCausalLM"], "model_type": "granitemoe", "vocab_size": c.vocab_size,
+        "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "intermediate_size": c.ffn_dim, "num_local_experts": c.n_experts,
+        "num_experts_per_tok": c.top_k, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": rope_scaling_to_hf(c.rope_scaling),
+        "max_position_embeddings": c.max_seq_len, "embedding_multiplier": c.embedding_multiplier,
+        "attention_multiplier": c.attention_multiplier, "residual_multiplier": c.residual_multiplier,
+        "logits_scaling": c.logits_scaling, "attention_bias": False, "tie_word_embeddings": c.tie_embeddings,
+        "initializer_range": c.init_std, "router_aux_loss_coef": c.aux_loss_coef or 0.001,
+    }

@@ -15,6 +15,7 @@ Features are arguments of the call, not properties of a backend:
     sinks       (n_heads,) one learned logit per head that joins the softmax denominator and no value (GPT-OSS):
                 p_j = exp(s_j) / (exp(sink) + sum_j' exp(s_j'))
     mask        explicit boolean (B or 1, 1 or n_heads, Tq, Tk), True = may attend (padding in generation)
+    fp32        inputs in a dtype other than fp16/bf16 (flash kernels take only those two)
 
 Backends and what they serve (FEATURES):
     "eager": the reference. Explicit math in fp32, kv heads repeated; every feature. (B, H, Tq, Tk) in memory.
@@ -46,11 +47,11 @@ from torch import Tensor, nn
 from model.rope import apply_rope
 
 BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
-ALL_FEATURES = frozenset({"window", "documents", "softcap", "sinks", "mask", "kv_cache"})
+ALL_FEATURES = frozenset({"window", "documents", "softcap", "sinks", "mask", "kv_cache", "fp32"})
 FEATURES: dict[str, frozenset[str]] = {
     "eager": ALL_FEATURES,
-    "sdpa": frozenset({"window", "documents", "mask", "kv_cache"}),
-    "flex": frozenset({"window", "documents", "softcap", "sinks", "kv_cache"}),
+    "sdpa": frozenset({"window", "documents", "mask", "kv_cache", "fp32"}),
+    "flex": frozenset({"window", "documents", "softcap", "sinks", "kv_cache", "fp32"}),
     "flash": frozenset({"window", "documents", "softcap"}),
 }
 
@@ -160,7 +161,7 @@ def allowed_mask(t_q: int, t_k: int, device: torch.device, causal: bool, window:
     if causal:
         allowed = both(allowed, (k_idx <= q_abs)[None, None])  # (1, 1, Tq, Tk)
     if window:
-        allowed = both(allowed, (q_abs - k_idx < window)[None, None])
+        allowed = both(allowed, (q_abs - k_idx <= window)[None, None])
     if doc_ids is not None:
         same_doc = doc_ids[:, t_k - t_q:, None] == doc_ids[:, None, :]  # (B, Tq, Tk)
         allowed = both(allowed, same_doc[:, None])  # (B, 1, Tq, Tk)
@@ -321,7 +322,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", causal:
     _check(q, k, v, window, softcap, sinks, cu_seqlens)
     needs = {name for name, on in (("window", window), ("softcap", softcap), ("sinks", sinks is not None),
                                    ("documents", cu_seqlens is not None), ("mask", mask is not None),
-                                   ("kv_cache", k.shape[2] != q.shape[2])) if on}
+                                   ("kv_cache", k.shape[2] != q.shape[2]),
+                                   ("fp32", q.dtype not in (torch.float16, torch.bfloat16))) if on}
     chosen = resolve_backend(backend, frozenset(needs), q.device)
     if chosen == "flash":
         return flash_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,

@@ -47,16 +47,23 @@ def grouped_supported(x: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, use_grouped: bool | None = None) -> Tensor:
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,
+               use_grouped: bool | None = None) -> Tensor:
     """Rows of x (M, in), sorted so that expert e owns the next counts[e] rows, times that expert's w[e] (out, in)
-    transposed -> (M, out). use_grouped: None = torch._grouped_mm where supported, else a loop over experts."""
+    transposed, plus its bias[e] (out,) -> (M, out). use_grouped: None = torch._grouped_mm where supported, else a
+    loop over the experts' blocks (whose bias gradients, summed block by block, are deterministic on CPU)."""
     if use_grouped is None:
         use_grouped = grouped_supported(x)
     if use_grouped:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert's block
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)  # (M, out)
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)  # (M, out)
+        if bias is not None:
+            y = y + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])  # (M, out)
+        return y
     blocks = torch.split(x, counts.tolist())  # one host sync: the block sizes
-    return torch.cat([block @ w[e].T for e, block in enumerate(blocks)])  # (M, out)
+    if bias is None:
+        return torch.cat([block @ w[e].T for e, block in enumerate(blocks)])  # (M, out)
+    return torch.cat([block @ w[e].T + bias[e] for e, block in enumerate(blocks)])  # (M, out)
 
 
 class MoE(nn.Module):
@@ -110,15 +117,11 @@ class MoE(nn.Module):
         flat_experts = experts.reshape(-1)  # (N*k,) the expert of pair p = n * k + j
         order = torch.argsort(flat_experts, stable=True)  # (N*k,) pairs grouped by expert
         token = order // self.top_k  # (N*k,) the token of each sorted pair
-        sorted_experts = flat_experts[order]  # (N*k,)
         counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
 
-        h = grouped_mm(x[token], self.w_gate_up, counts)  # (N*k, 2 * ffn_dim)
-        if self.b_gate_up is not None:
-            h = h + self.b_gate_up[sorted_experts]
-        h = grouped_mm(self.act(h), self.w_down, counts)  # (N*k, dim)
-        if self.b_down is not None:
-            h = h + self.b_down[sorted_experts]
+        # index_select / index_add (not x[token]): their backward sums duplicates in a fixed order on CPU
+        h = grouped_mm(x.index_select(0, token), self.w_gate_up, counts, self.b_gate_up)  # (N*k, 2 * ffn_dim)
+        h = grouped_mm(self.act(h), self.w_down, counts, self.b_down)  # (N*k, dim)
         h = h * weights.reshape(-1)[order, None]  # (N*k, dim) weighted by the router
         y = torch.zeros_like(x).index_add_(0, token, h.to(x.dtype))  # (N, dim)
 

@@ -7,7 +7,7 @@ Tolerances:
 - bf16, MoE vs moe_ref: parameters and x rounded to bf16; the reference is moe_ref in fp32 on those same rounded
   values (so input rounding is not counted as error), with the same routing (asserted). Error is
   max |x - ref| / max |ref| per tensor: output <= 1e-2 and gradients <= 2e-2 (bf16 rounding of one result is
-  2^-9 ~ 2e-3 relative; measured <= 6e-3 for the output and the gradients).
+  2^-9 ~ 2e-3 relative; measured <= 9.4e-3 for the output and <= 1.2e-2 for the gradients).
 - torch._grouped_mm vs the loop over experts: fp32, atol 1e-6 and rtol 1e-6.
 - Router losses vs transformers' load_balancing_loss_func and the z-loss formula: atol 1e-6, rtol 0; their
   gradients on the router weight: atol 1e-6, rtol 1e-5.
@@ -33,10 +33,10 @@ LIMIT = 1.5  # swiglu_limit for the reference tests: gate/up pre-activations are
 # fp32 rounding alone would exceed atol 1e-5); the default limit is checked against transformers below
 
 
-def make_moe(activation="silu", bias=False, router_bias=False, top_k=2, seed=0, **kwargs) -> MoE:
+def make_moe(activation="silu", bias=False, router_bias=False, top_k=2, seed=0, limit=LIMIT, **kwargs) -> MoE:
     """A MoE with random O(1) weights, biases included (nonzero)."""
     torch.manual_seed(seed)
-    moe = MoE(DIM, FFN, E, top_k, activation=activation, bias=bias, router_bias=router_bias, swiglu_limit=LIMIT,
+    moe = MoE(DIM, FFN, E, top_k, activation=activation, bias=bias, router_bias=router_bias, swiglu_limit=limit,
               **kwargs)
     with torch.no_grad():
         for p in moe.parameters():
@@ -99,15 +99,19 @@ def test_moe_matches_reference_fp32(activation, bias, router_bias, top_k):
         assert grads["router.weight"].abs().max() > 1e-3
     if activation == "gpt_oss":  # the clamp is exercised: some gate/up pre-activations are beyond the limit
         h = torch.einsum("nd,efd->nef", x.reshape(-1, DIM), moe.w_gate_up)  # (N, E, 2 * ffn)
+        h = h + moe.b_gate_up if bias else h
         assert (h > moe.limit).any() and (h[..., FFN:] < -moe.limit).any()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("activation", ["silu", "gpt_oss"])
 def test_moe_bf16_against_fp32_reference(activation, top_k):
-    moe = make_moe(activation, bias=True, router_bias=True, top_k=top_k).to(torch.bfloat16)
+    """With the default limit of 7, which these O(1) values never reach: a pre-activation within bf16 rounding of
+    the limit would be clamped on one side and not the other, a jump in its gradient no tolerance should absorb
+    (seen at limit 1.5: 4 of 1120 values flip and the w_gate_up gradient differs by 10%)."""
+    moe = make_moe(activation, bias=True, router_bias=True, top_k=top_k, limit=7.0).to(torch.bfloat16)
     x, grad_out = make_x(torch.bfloat16)
-    moe32 = make_moe(activation, bias=True, router_bias=True, top_k=top_k)
+    moe32 = make_moe(activation, bias=True, router_bias=True, top_k=top_k, limit=7.0)
     moe32.load_state_dict({k: v.float() for k, v in moe.state_dict().items()})  # the same bf16-rounded weights
     assert torch.equal(routing(moe, x)[0], routing(moe32, x.float())[0]), "bf16 rounding changed the routing"
 
@@ -209,7 +213,10 @@ def test_load_balancing_loss_matches_transformers(top_k):
     ours = moe.router.weight.grad.clone()
     moe.zero_grad(set_to_none=True)
     hf_load_balancing_loss((moe.router(x.reshape(-1, DIM)),), num_experts=E, top_k=top_k).backward()
-    assert ours.abs().max() > 1e-4
+    if top_k < E:
+        assert ours.abs().max() > 1e-4
+    else:  # every expert picked by every token: f_e = 1, the loss is E * sum_e P_e = E, a constant
+        torch.testing.assert_close(losses.aux_loss, torch.tensor(float(E)), atol=1e-6, rtol=0)
     torch.testing.assert_close(ours, moe.router.weight.grad, atol=1e-6, rtol=1e-5)
     assert moe.w_gate_up.grad is None  # the experts do not take part in the aux loss
 
@@ -257,8 +264,8 @@ def test_gpt_oss_experts_match_transformers():
         for p in hf.parameters():
             p.normal_(std=0.5)
         hf.experts.gate_up_proj.normal_(std=0.6)  # some gate/up values beyond the limit, so the clamp counts
-    ours = MoE(DIM, FFN, E, top_k, activation="gpt_oss", bias=True, router_bias=True,
-               swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit)
+    ours = MoE(DIM, FFN, E, top_k, activation="gpt_oss", bias=True, router_bias=True)
+    assert (ours.alpha, ours.limit) == (config.swiglu_alpha, config.swiglu_limit)  # our defaults are GPT-OSS's
     with torch.no_grad():
         ours.router.weight.copy_(hf.router.weight)
         ours.router.bias.copy_(hf.router.bias)

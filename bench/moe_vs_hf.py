@@ -1,0 +1,298 @@
+"""Training-step throughput and peak memory of our GPT-OSS and GraniteMoE against transformers' GptOssForCausalLM
+and GraniteMoeForCausalLM: same config, same weights, same machine, same run. Prints ms/step, tokens/s and the
+peak memory of one step for each, and the ratios ours / HF, as a markdown table.
+
+    python -m bench.moe_vs_hf                                    # both families, small config, CPU, fp32
+    python -m bench.moe_vs_hf --family gpt_oss --seq 1024 --batch 1
+    python -m bench.moe_vs_hf --device cuda --dtype bf16 --dim 1024 --layers 8 --experts 32 --top_k 4 --seq 2048
+
+Same weights: transformers builds its model from the config (its own init, then every bias redrawn from
+normal(0, 0.02) so that the bias layouts are exercised too), saves it with save_pretrained into a temporary
+directory, and both sides load that directory: transformers with its from_pretrained, ours with
+model.hf.from_pretrained. Before timing, the logits and the loss of the benchmark batch are compared.
+
+One step = zero_grad(set_to_none) + forward + loss + backward, in train mode; HF gets use_cache=False (a training
+step has no use for a KV cache) and computes no router aux loss (output_router_logits is off), ours has its router
+loss coefficients at 0. Both run the experts implementation they pick by default (transformers 5: "grouped_mm",
+torch's grouped GEMM kernel where it can run, else its own loop), printed in the header. HF's attention is "eager"
+for GPT-OSS on CPU (its sinks rule out sdpa), "flex_attention" for GPT-OSS on CUDA when this torch has it, "sdpa"
+for GraniteMoE; ours is --attn (auto by default, printed). The two models are timed alternately, iteration by
+iteration, after a warmup, and each reports its median, so a machine that slows down or speeds up during the run
+affects both alike.
+
+Peak memory of one step: the most memory in use during the step above what was in use just before it (weights
+loaded, gradients None, after warmup steps), so it counts activations, gradients and temporaries.
+    cuda: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), in this process (tensor bytes).
+    cpu:  each model in a fresh subprocess (this file with --probe), where glibc's mmap threshold is pinned at
+          64 KiB (MALLOC_MMAP_THRESHOLD_) so every tensor bigger than that is its own mapping and goes back to the
+          OS when freed; after 2 warmup steps the peak-RSS mark is reset (/proc/self/clear_refs "5"), one step
+          runs, and VmHWM minus VmRSS before the step is reported. These are resident pages, not tensor bytes:
+          allocations under 64 KiB that malloc serves from memory it already holds do not show (a few MB at most).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/moe_vs_hf.py): make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import transformers
+
+from bench.common import sync, time_alternating
+from model import gpt_oss, granite_moe
+from model.attention import resolve_backend
+from model.hf import from_pretrained
+from model.moe import grouped_supported
+
+FAMILIES = ("gpt_oss", "granite")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MiB = 2**20
+
+
+def our_config(family: str, args: argparse.Namespace):
+    """Our config for the benchmark's shape: the published family's defaults except the sizes given."""
+    shape = dict(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                 n_kv_heads=args.kv_heads, ffn_dim=args.ffn or args.dim, n_experts=args.experts, top_k=args.top_k,
+                 attn_backend=args.attn)
+    if family == "gpt_oss":  # YaRN, 131k context and the 128-key window of the real model; head_dim is free
+        return gpt_oss.GptOssConfig(**shape, head_dim=args.head_dim)
+    return granite_moe.GraniteMoeConfig(**shape, max_seq_len=max(4096, args.seq))  # head_dim = dim / n_heads
+
+
+def hf_attention(family: str, device: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if family == "granite":
+        return "sdpa"
+    if device.startswith("cuda") and transformers.utils.is_torch_flex_attn_available():
+        return "flex_attention"
+    return "eager"
+
+
+def save_hf_checkpoint(family: str, args: argparse.Namespace, out_dir: str) -> None:
+    """transformers' model for our config, initialised by transformers (biases redrawn), saved to out_dir."""
+    module = gpt_oss if family == "gpt_oss" else granite_moe
+    hf_config = transformers.AutoConfig.for_model(**module.config_to_hf(our_config(family, args)))
+    torch.manual_seed(args.seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    hf.save_pretrained(out_dir)
+
+
+def load_pair(family: str, model_dir: str, args: argparse.Namespace, which: tuple[str, ...] = ("ours", "hf")):
+    """The models of model_dir, ours and/or HF's, in train mode, in --dtype on --device."""
+    dtype = DTYPES[args.dtype]
+    models = {}
+    if "ours" in which:
+        models["ours"] = from_pretrained(model_dir, device=args.device, dtype=dtype, attn_backend=args.attn).train()
+    if "hf" in which:
+        models["hf"] = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=hf_attention(family, args.device, args.hf_attn)
+        ).to(args.device).train()
+    return models
+
+
+def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (B, T) and our aligned labels (B, T) (label t = token t + 1, the last ignored); HF shifts idx itself."""
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)  # (B, T)
+    labels = torch.roll(idx, -1, dims=1)  # (B, T)
+    labels[:, -1] = -100
+    return idx, labels
+
+
+def step_fn(name: str, model: torch.nn.Module, idx: torch.Tensor, labels: torch.Tensor):
+    """One training step of `model` (grads set to None first, so every step allocates them alike)."""
+    if name == "ours":
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            out = model(idx, labels=labels)
+            (out.loss_sum / out.n_tokens).backward()
+    else:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=idx, labels=idx, use_cache=False).loss.backward()
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ peak memory
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def probe_cpu_peak(args: argparse.Namespace) -> None:
+    """(--probe ours|hf, in a fresh process) print {"peak_mib": ...}: resident memory one step adds at its peak."""
+    model = load_pair(args.family, args.probe_dir, args, which=(args.probe,))[args.probe]
+    idx, labels = batch(args)
+    step = step_fn(args.probe, model, idx, labels)
+    for _ in range(2):  # warm up: one-time allocations (oneDNN primitives, HF mask caches) land in the baseline
+        step()
+    model.zero_grad(set_to_none=True)
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    step()
+    peak = _proc_status_kib("VmHWM")
+    print(json.dumps({"peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024}))
+
+
+def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespace) -> float:
+    """Run probe_cpu_peak for one model in a fresh subprocess with a fixed mmap threshold; its peak in MiB."""
+    cmd = [sys.executable, "-m", "bench.moe_vs_hf", "--probe", name, "--probe_dir", model_dir, "--family", family]
+    for key in ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "experts", "top_k", "vocab", "seq", "batch",
+                "device", "dtype", "attn", "hf_attn", "seed"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"memory probe for {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def cuda_peak_mib(step) -> float:
+    """Peak tensor memory one step allocates above what is allocated before it, in MiB (CUDA)."""
+    sync("cuda")
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync("cuda")
+    return (torch.cuda.max_memory_allocated() - before) / MiB
+
+
+# ------------------------------------------------------------------------------------------------ one family
+
+
+def describe_experts(family: str, models: dict) -> tuple[str, str]:
+    """What runs the experts on each side, in words."""
+    hf = models["hf"]
+    impl = getattr(hf.config, "_experts_implementation", None)
+    hf_words = f"experts_implementation={impl!r}"
+    if impl == "grouped_mm":
+        from transformers.integrations.moe import _can_use_grouped_mm  # private: only to say which path runs
+
+        experts = next(m for m in hf.modules() if type(m).__name__.endswith("Experts"))
+        w = experts.gate_up_proj
+        x = torch.empty(8, hf.config.hidden_size, device=w.device, dtype=w.dtype)
+        offs = torch.zeros(w.shape[0], device=w.device, dtype=torch.int32)
+        kernel = _can_use_grouped_mm(x, w, offs)
+        hf_words += " (torch grouped_mm kernel)" if kernel else " (HF's fallback: a loop of torch.mm over experts)"
+    moe = models["ours"].layers[0].moe
+    x = torch.empty(1, device=moe.w_gate_up.device, dtype=moe.w_gate_up.dtype)
+    ours_words = "torch._grouped_mm" if grouped_supported(x) else "a loop of matmuls over experts (torch.split)"
+    return ours_words, hf_words
+
+
+def our_attention(family: str, args: argparse.Namespace) -> str:
+    needs = [frozenset({"sinks", "window"}), frozenset({"sinks"})] if family == "gpt_oss" else [frozenset()]
+    chosen = {resolve_backend(args.attn, n, torch.device(args.device)) for n in needs}
+    return "/".join(sorted(chosen))
+
+
+def run_family(family: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"moe_vs_hf_{family}_") as model_dir:
+        save_hf_checkpoint(family, args, model_dir)
+        models = load_pair(family, model_dir, args)
+        ours, hf = models["ours"], models["hf"]
+        idx, labels = batch(args)
+        info = dict(family=family, experts=describe_experts(family, models), hf_attn=hf.config._attn_implementation,
+                    params=sum(p.numel() for p in ours.parameters()))
+
+        with torch.no_grad():
+            logits_ours = ours(idx).float()  # (B, T, vocab)
+            logits_hf = hf(input_ids=idx, use_cache=False).logits.float()  # (B, T, vocab)
+            info["diff"] = (logits_ours - logits_hf).abs().max().item()
+            info["scale"] = logits_hf.abs().max().item()
+            out = ours(idx, labels=labels)
+            info["loss_ours"] = (out.loss_sum / out.n_tokens).item()
+            info["loss_hf"] = hf(input_ids=idx, labels=idx, use_cache=False).loss.item()
+            del logits_ours, logits_hf, out
+
+        steps = {name: step_fn(name, m, idx, labels) for name, m in models.items()}
+        info["medians"] = time_alternating(steps, args.warmup, args.iters, args.device)
+        if args.device == "cuda":
+            info["peaks"] = {name: cuda_peak_mib(step) for name, step in steps.items()}
+        else:  # each in its own process; this one's models go first so the probes have the memory to themselves
+            del steps, models, ours, hf
+            info["peaks"] = {name: cpu_peak_mib(name, family, model_dir, args) for name in ("ours", "hf")}
+        return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="both", choices=(*FAMILIES, "both"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv_heads", type=int, default=2)
+    parser.add_argument("--head_dim", type=int, default=64, help="GPT-OSS only (GraniteMoE: dim / heads)")
+    parser.add_argument("--ffn", type=int, default=0, help="hidden size of each expert (0 = --dim)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--attn", default="auto", help="our attention backend: auto | eager | sdpa | flex | flash")
+    parser.add_argument("--hf_attn", default="auto", help="HF attn_implementation (auto: see the module docstring)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: CPU memory probe of ours|hf
+    parser.add_argument("--probe_dir", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.probe:
+        probe_cpu_peak(args)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+
+    families = FAMILIES if args.family == "both" else (args.family,)
+    results = [run_family(f, args) for f in families]
+
+    tokens = args.batch * args.seq
+    memory_how = ("torch.cuda.max_memory_allocated above the allocation before the step" if args.device == "cuda"
+                  else "peak RSS above the RSS before the step, one fresh subprocess per model "
+                       "(MALLOC_MMAP_THRESHOLD_=65536)")
+    print(f"\ndevice {args.device}, dtype {args.dtype}, batch {args.batch}, seq {args.seq}, dim {args.dim}, "
+          f"layers {args.layers}, heads {args.heads}/{args.kv_heads} kv, ffn {args.ffn or args.dim}, "
+          f"experts {args.experts} top-{args.top_k}, vocab {args.vocab}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    print(f"{args.warmup} warmup + {args.iters} timed steps (forward + loss + backward) each, alternating; "
+          f"peak memory: {memory_how}")
+    for r in results:
+        ours_experts, hf_experts = r["experts"]
+        print(f"{r['family']}: {r['params'] / 1e6:.2f}M params; attention ours {our_attention(r['family'], args)}, "
+              f"HF {r['hf_attn']}; experts ours {ours_experts}, HF {hf_experts}; logits max abs diff "
+              f"{r['diff']:.2e} (max |logit| {r['scale']:.2f}); loss ours {r['loss_ours']:.6f}, HF {r['loss_hf']:.6f}")
+    print()
+    print("| family | model | ms/step | tokens/s | peak step memory (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    for r in results:
+        for name in ("ours", "hf"):
+            med = r["medians"][name]
+            print(f"| {r['family']} | {name} | {med * 1e3:.1f} | {tokens / med:.0f} | {r['peaks'][name]:.1f} |")
+    print()
+    print("| family | tokens/s ours / HF | peak memory ours / HF |")
+    print("|---|---:|---:|")
+    for r in results:
+        speed = r["medians"]["hf"] / r["medians"]["ours"]
+        memory = r["peaks"]["ours"] / r["peaks"]["hf"]
+        print(f"| {r['family']} | {speed:.3f}x | {memory:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,8 @@ Backends and what they serve (FEATURES):
     "flex":  FlexAttention (torch.compile'd): causal/window/documents as a BlockMask (skipped blocks cost nothing),
              softcap as a score_mod, sinks by rescaling with the log-sum-exp it returns:
                  out_sink = out * Z / (Z + e^sink) = out * sigmoid(lse - sink),    lse = log Z
-             and gradients flow through lse to q, k and the sinks. No explicit masks. CUDA for training (CPU
+             and gradients flow through lse to q, k and the sinks. No explicit masks, no KV cache (a
+             compiled kernel per decode length would recompile every step: decoding uses sdpa or eager). CUDA (CPU
              FlexAttention has neither a backward nor the log-sum-exp).
     "flash": flash-attn's flash_attn_varlen_func (window, softcap) when installed, else PyTorch's own
              varlen_attn (window where the installed version has it, no softcap). Documents are native
@@ -51,7 +52,7 @@ ALL_FEATURES = frozenset({"window", "documents", "softcap", "sinks", "mask", "kv
 FEATURES: dict[str, frozenset[str]] = {
     "eager": ALL_FEATURES,
     "sdpa": frozenset({"window", "documents", "mask", "kv_cache", "fp32"}),
-    "flex": frozenset({"window", "documents", "softcap", "sinks", "kv_cache", "fp32"}),
+    "flex": frozenset({"window", "documents", "softcap", "sinks", "fp32"}),
     "flash": frozenset({"window", "documents", "softcap"}),
 }
 
@@ -161,7 +162,7 @@ def allowed_mask(t_q: int, t_k: int, device: torch.device, causal: bool, window:
     if causal:
         allowed = both(allowed, (k_idx <= q_abs)[None, None])  # (1, 1, Tq, Tk)
     if window:
-        allowed = both(allowed, (q_abs - k_idx <= window)[None, None])
+        allowed = both(allowed, (q_abs - k_idx < window)[None, None])
     if doc_ids is not None:
         same_doc = doc_ids[:, t_k - t_q:, None] == doc_ids[:, None, :]  # (B, Tq, Tk)
         allowed = both(allowed, same_doc[:, None])  # (B, 1, Tq, Tk)
@@ -211,6 +212,12 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scal
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:
+    AuxRequest = None
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -257,7 +264,11 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scal
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if sinks is None:
         return _compiled_flex()(q, k, v, **kwargs)
-    out, lse = _compiled_flex()(q, k, v, return_lse=True, **kwargs)  # lse (B, H, Tq), natural log, fp32
+    if AuxRequest is not None:
+        out, aux = _compiled_flex()(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse  # (B, H, Tq), natural log, fp32
+    else:  # torch versions before return_aux
+        out, lse = _compiled_flex()(q, k, v, return_lse=True, **kwargs)
     keep = torch.sigmoid(lse - sinks.float()[None, :, None])  # (B, H, Tq): Z / (Z + e^sink)
     return (out.float() * keep[..., None]).to(q.dtype)
 

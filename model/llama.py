@@ -39,7 +39,7 @@ class LlamaConfig:
     max_seq_len: int = 2048  # longest sequence the model is meant for (HF max_position_embeddings)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     qkv_bias: bool = False  # Qwen2: bias on the q, k, v projections (never on the output projection)
-    attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused kernels) | "eager" (fp32 reference)
+    attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused kernels) | "eager" (fp32 reference) | "flex" | "flash" | "auto" (model.attention)
     init_std: float = 0.02  # std of the normal init (see Llama.init_weights)
 
     def validate(self) -> None:

@@ -46,8 +46,7 @@ import torch
 import transformers
 
 from bench.common import sync, time_alternating
-from model import gpt_oss, granite_moe
-from model.attention import resolve_backend
+from model import attention, gpt_oss, granite_moe
 from model.hf import from_pretrained
 from model.moe import grouped_supported
 
@@ -151,7 +150,7 @@ def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespac
     """Run probe_cpu_peak for one model in a fresh subprocess with a fixed mmap threshold; its peak in MiB."""
     cmd = [sys.executable, "-m", "bench.moe_vs_hf", "--probe", name, "--probe_dir", model_dir, "--family", family]
     for key in ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "experts", "top_k", "vocab", "seq", "batch",
-                "device", "dtype", "attn", "hf_attn", "seed"):
+                "device", "dtype", "attn", "hf_attn", "threads", "seed"):
         cmd += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     root = Path(__file__).resolve().parents[1]
@@ -161,8 +160,9 @@ def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespac
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def cuda_peak_mib(step) -> float:
-    """Peak tensor memory one step allocates above what is allocated before it, in MiB (CUDA)."""
+def cuda_peak_mib(model: torch.nn.Module, step) -> float:
+    """Peak tensor memory one step of `model` allocates above what is allocated before it (its grads freed), in MiB."""
+    model.zero_grad(set_to_none=True)
     sync("cuda")
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -194,10 +194,21 @@ def describe_experts(family: str, models: dict) -> tuple[str, str]:
     return ours_words, hf_words
 
 
-def our_attention(family: str, args: argparse.Namespace) -> str:
-    needs = [frozenset({"sinks", "window"}), frozenset({"sinks"})] if family == "gpt_oss" else [frozenset()]
-    chosen = {resolve_backend(args.attn, n, torch.device(args.device)) for n in needs}
-    return "/".join(sorted(chosen))
+def logits_recording_attention(ours: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """ours(idx) with attention.resolve_backend watched: the logits and the backend(s) attention() ran."""
+    chosen, resolve = set(), attention.resolve_backend
+
+    def recording(requested, needs, device):
+        backend = resolve(requested, needs, device)
+        chosen.add(backend)
+        return backend
+
+    attention.resolve_backend = recording
+    try:
+        logits = ours(idx)
+    finally:
+        attention.resolve_backend = resolve
+    return logits, "/".join(sorted(chosen))
 
 
 def run_family(family: str, args: argparse.Namespace) -> dict:
@@ -210,7 +221,8 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
                     params=sum(p.numel() for p in ours.parameters()))
 
         with torch.no_grad():
-            logits_ours = ours(idx).float()  # (B, T, vocab)
+            logits_ours, info["attn"] = logits_recording_attention(ours, idx)  # (B, T, vocab)
+            logits_ours = logits_ours.float()
             logits_hf = hf(input_ids=idx, use_cache=False).logits.float()  # (B, T, vocab)
             info["diff"] = (logits_ours - logits_hf).abs().max().item()
             info["scale"] = logits_hf.abs().max().item()
@@ -222,7 +234,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
         steps = {name: step_fn(name, m, idx, labels) for name, m in models.items()}
         info["medians"] = time_alternating(steps, args.warmup, args.iters, args.device)
         if args.device == "cuda":
-            info["peaks"] = {name: cuda_peak_mib(step) for name, step in steps.items()}
+            info["peaks"] = {name: cuda_peak_mib(models[name], step) for name, step in steps.items()}
         else:  # each in its own process; this one's models go first so the probes have the memory to themselves
             del steps, models, ours, hf
             info["peaks"] = {name: cpu_peak_mib(name, family, model_dir, args) for name in ("ours", "hf")}
@@ -249,11 +261,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--attn", default="auto", help="our attention backend: auto | eager | sdpa | flex | flash")
     parser.add_argument("--hf_attn", default="auto", help="HF attn_implementation (auto: see the module docstring)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: CPU memory probe of ours|hf
     parser.add_argument("--probe_dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe:
         probe_cpu_peak(args)
         return
@@ -275,7 +290,7 @@ def main() -> None:
           f"peak memory: {memory_how}")
     for r in results:
         ours_experts, hf_experts = r["experts"]
-        print(f"{r['family']}: {r['params'] / 1e6:.2f}M params; attention ours {our_attention(r['family'], args)}, "
+        print(f"{r['family']}: {r['params'] / 1e6:.2f}M params; attention ours {r['attn']}, "
               f"HF {r['hf_attn']}; experts ours {ours_experts}, HF {hf_experts}; logits max abs diff "
               f"{r['diff']:.2e} (max |logit| {r['scale']:.2f}); loss ours {r['loss_ours']:.6f}, HF {r['loss_hf']:.6f}")
     print()

@@ -257,11 +257,10 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scal
     b, _, t_q, _ = q.shape
     docs = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None
     block_mask = _flex_block_mask(t_q, k.shape[2], causal, window, docs, b, str(q.device))
-    score_mod = None
-    if softcap:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return softcap * torch.tanh(score / softcap)
-    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    kwargs = dict(score_mod=capped if softcap else None, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if sinks is None:
         return _compiled_flex()(q, k, v, **kwargs)
     if AuxRequest is not None:

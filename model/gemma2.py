@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, SelfAttention, causal_padding_mask
+from model.attention import BACKENDS, SelfAttention
+from model.causal_lm import CausalLM
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
-from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
+from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -121,7 +122,7 @@ class Block(nn.Module):
         return x
 
 
-class Gemma2(nn.Module):
+class Gemma2(CausalLM):
     def __init__(self, config: Gemma2Config):
         super().__init__()
         config.validate()
@@ -130,24 +131,7 @@ class Gemma2(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, unit_offset=True)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
-        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32), persistent=False)
-
-    def _apply(self, fn, recurse: bool = True):
-        # moving off the meta device gives every module new Parameters: tie the head again; keep inv_freq fp32
-        super()._apply(fn, recurse)
-        if self.config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.init_buffers()
-        return self
-
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """(Re)compute the RoPE inverse frequencies (fp32) on their current device."""
-        c = self.config
-        self.inv_freq = rope_inv_freq_for(c.head_dim, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
+        self.register_rope_buffer()  # and ties the output head to the embedding (tie_embeddings)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -181,18 +165,13 @@ class Gemma2(nn.Module):
 
         position_ids, cache, attention_mask and cu_seqlens (packed documents) as in model.llama.Llama.forward.
         """
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
-        mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
+        cos, sin, mask = self.positions(idx, position_ids, cache, attention_mask)  # rotary angles, padding mask
         x = self.tok_embeddings(idx)  # (B, T, dim)
         x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)  # the normaliser, rounded to x's dtype as in HF
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.shape[1])
         logits = self.output(self.norm(x))  # (B, T, vocab_size)
         cap = self.config.final_softcap
         if cap:
@@ -200,25 +179,6 @@ class Gemma2(nn.Module):
         if labels is None:
             return logits
         return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
-
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
-        c = self.config
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len,
-                       dtype or self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied embedding counts once); non_embedding leaves out the token embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_embeddings.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, 6 * N_matmul + 12 * head_dim * n_heads * sum over layers of the keys a query
-        sees (min(window, seq_len) on sliding layers): PaLM's appendix B count, with windows."""
-        c = self.config
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        spans = sum(min(layer.attn.window or seq_len, seq_len) for layer in self.layers)
-        return 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * spans
 
 
 CONFIG_CLASS = Gemma2Config

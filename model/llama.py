@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, SelfAttention, causal_padding_mask
+from model.attention import BACKENDS, SelfAttention
+from model.causal_lm import CausalLM
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
-from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for, rope_scaling_from_hf, rope_scaling_to_hf
+from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
 
 @dataclass
 class LlamaConfig:
@@ -41,6 +42,10 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2: bias on the q, k, v projections (never on the output projection)
     attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused kernels) | "eager" (fp32 reference) | "flex" | "flash" | "auto" (model.attention)
     init_std: float = 0.02  # std of the normal init (see Llama.init_weights)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -108,7 +113,7 @@ class Block(nn.Module):
         return x
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         config.validate()
@@ -117,32 +122,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        head_dim = config.dim // config.n_heads
-        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
-
-    def _apply(self, fn, recurse: bool = True):
-        # nn.Module._apply (behind to_empty(), to(), cuda()) may give every module a new Parameter, e.g. when
-        # moving off the meta device, which would untie the output head from the embedding: tie them again.
-        # It also casts buffers with the weights (to(bfloat16)): recompute inv_freq, which must stay fp32.
-        super()._apply(fn, recurse)
-        if self.config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.init_buffers()
-        return self
-
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """(Re)compute the non-persistent buffers on their current device: RoPE inverse frequencies, fp32.
-
-        Part of the contract for callers that fill the weights themselves after to_empty(); to_empty(), to()
-        and cuda() also call it (see _apply), so inv_freq survives a cast of the model to bfloat16.
-        """
-        c = self.config
-        inv_freq = rope_inv_freq_for(c.dim // c.n_heads, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
-        self.inv_freq = inv_freq  # a plain assignment to a registered buffer replaces it (and keeps it fp32)
+        self.register_rope_buffer()  # and ties the output head to the embedding (tie_embeddings)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -186,52 +166,17 @@ class Llama(nn.Module):
         cache: a KVCache that this call reads and extends (generation). attention_mask
         (B, past + T): 1 for real tokens, 0 for padding, which no query attends (left-padded prompts).
         """
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())  # (B or 1, T, head_dim / 2)
-        mask = None  # plain causal attention, unless there are cached keys or padding
-        if past > 0 or attention_mask is not None:
-            mask = causal_padding_mask(past, T, attention_mask, idx.device)  # (B or 1, 1, T, past + T)
+        cos, sin, mask = self.positions(idx, position_ids, cache, attention_mask)  # rotary angles, padding mask
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.shape[1])
         x = self.norm(x)  # (B, T, dim)
         logits = self.output(x)  # (B, T, vocab_size)
         if labels is None:
             return logits
         return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
-
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
-        c = self.config
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.dim // c.n_heads, max_len, dtype,
-                       self.tok_embeddings.weight.device)
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Number of unique parameters (a tied embedding counts once). non_embedding=True leaves out the token
-        embedding table (Kaplan et al. 2020's N); an untied output head stays in."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_embeddings.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM (Chowdhery et al. 2022) appendix B:
-        6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len.
-
-        N_matmul counts the weights of every matrix multiply: the attention and MLP projections and the output
-        head. The embedding table is a lookup, so it is left out, except that a tied table is the output head's
-        weight and is counted once as such. Biases and norm weights are not matmul weights.
-        """
-        c = self.config
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6.0 * n_matmul + 12.0 * c.n_layers * c.n_heads * (c.dim // c.n_heads) * seq_len
-
 
 CONFIG_CLASS = LlamaConfig
 HF_MODEL_TYPES = ("llama", "qwen2")

@@ -128,7 +128,7 @@ def test_bad_model_directories(tmp_path):
     hf.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
-    with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, qwen2"):
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported: gemma2, gpt_oss, granitemoe, llama, qwen2"):
         from_pretrained(tmp_path / "m")
 
     # safetensors whose shapes disagree with config.json: every bad tensor named, nothing loaded

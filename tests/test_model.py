@@ -5,7 +5,6 @@ model.hf.from_pretrained, and compared in fp32: logits max abs diff <= 1e-5, the
 pass: the loss and every parameter gradient (matched through the key map) within 1e-5 relative.
 """
 
-import json
 import math
 
 import pytest

@@ -1,0 +1,98 @@
+"""What the top-level module of every family shares: RoPE buffers, tied heads, KV caches, parameter and FLOP
+counts. The forward, the blocks and init_weights() stay in each family's own file.
+
+A subclass sets, in its __init__: self.config (with n_layers, n_heads, n_kv_heads, head_dim, rope_theta,
+rope_scaling, tie_embeddings), self.tok_embeddings, self.layers (blocks whose `.attn` is a SelfAttention) and
+self.output, then calls self.register_rope_buffer().
+"""
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import causal_padding_mask
+from model.kv_cache import KVCache
+from model.moe import MoE
+from model.rope import rope_cos_sin, rope_inv_freq_for
+
+
+class CausalLM(nn.Module):
+    def register_rope_buffer(self) -> None:
+        # RoPE inverse frequencies: derived from the config, never saved (filled by init_buffers()).
+        self.register_buffer("inv_freq", torch.empty(self.config.head_dim // 2, dtype=torch.float32),
+                             persistent=False)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module._apply (behind to_empty(), to(), cuda()) may give every module a new Parameter, e.g. when
+        # moving off the meta device, which would untie the output head from the embedding: tie them again.
+        # It also casts buffers with the weights (to(bfloat16)): recompute inv_freq, which must stay fp32.
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers on their current device: RoPE inverse frequencies, fp32.
+
+        Part of the contract for callers that fill the weights themselves after to_empty(); to_empty(), to()
+        and cuda() also call it (see _apply), so inv_freq survives a cast of the model to bfloat16.
+        """
+        c = self.config
+        self.inv_freq = rope_inv_freq_for(c.head_dim, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
+
+    def positions(self, idx: Tensor, position_ids: Tensor | None, cache: KVCache | None,
+                  attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """cos, sin (B or 1, T, head_dim / 2) of the rotary angles and the padding mask (None without padding)
+        for a forward over idx (B, T): positions default to past..past+T-1, past = the cached length."""
+        T = idx.shape[1]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
+        mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
+        return cos, sin, mask  # mask (B, 1, T, past + T)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for this model: batch_size rows of up to max_len positions."""
+        c = self.config
+        weight = self.tok_embeddings.weight
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len, dtype or weight.dtype, weight.device)
+
+    def _inactive_expert_params(self) -> int:
+        """Expert parameters a token does not compute with: (n_experts - top_k) / n_experts of every MoE's."""
+        n = 0
+        for moe in (m for m in self.modules() if isinstance(m, MoE)):
+            experts = sum(p.numel() for name, p in moe.named_parameters() if not name.startswith("router"))
+            n += experts * (moe.n_experts - moe.top_k) // moe.n_experts
+        return n
+
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Number of unique parameters (a tied embedding counts once). non_embedding=True leaves out the token
+        embedding table (Kaplan et al. 2020's N; an untied output head stays in); active=True counts only the
+        top_k experts of each mixture a token goes through."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= self._inactive_expert_params()
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM (Chowdhery et al. 2022) appendix B:
+        6 * N_matmul + 12 * n_heads * head_dim * (keys a query sees, summed over layers).
+
+        N_matmul counts the weights of every matrix multiply a token goes through: the attention and MLP
+        projections, the routers and the top_k of n_experts experts of each mixture, and the output head. The
+        embedding table is a lookup, so it is left out, except that a tied table is the output head's weight and
+        is counted once as such. Biases and norm weights are not matmul weights. A query sees seq_len keys, or
+        min(window, seq_len) on a sliding-window layer.
+        """
+        c = self.config
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for moe in (m for m in self.modules() if isinstance(m, MoE)):
+            n_matmul += moe.top_k * (moe.w_gate_up[0].numel() + moe.w_down[0].numel())
+        keys = sum(min(layer.attn.window or seq_len, seq_len) for layer in self.layers)
+        return 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * keys

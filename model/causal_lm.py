@@ -9,7 +9,7 @@ self.output, then calls self.register_rope_buffer().
 import torch
 from torch import Tensor, nn
 
-from model.attention import causal_padding_mask
+from model.attention import BACKENDS, causal_padding_mask
 from model.kv_cache import KVCache
 from model.moe import MoE
 from model.rope import rope_cos_sin, rope_inv_freq_for
@@ -96,3 +96,29 @@ class CausalLM(nn.Module):
             n_matmul += moe.top_k * (moe.w_gate_up[0].numel() + moe.w_down[0].numel())
         keys = sum(min(layer.attn.window or seq_len, seq_len) for layer in self.layers)
         return 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * keys
+
+
+def check_config(c, positive: tuple[str, ...]) -> None:
+    """The checks every family's config.validate() makes: ValueError naming the first inconsistent field."""
+    name = type(c).__name__
+    for field in positive:
+        if getattr(c, field) <= 0:
+            raise ValueError(f"{name}.{field} must be positive, got {getattr(c, field)}")
+    if c.head_dim <= 0 or c.head_dim % 2:
+        raise ValueError(f"{name}: head_dim ({c.head_dim}) must be a positive even integer for RoPE "
+                         f"(check dim, n_heads and head_dim)")
+    if c.n_heads % c.n_kv_heads:
+        raise ValueError(f"{name}.n_heads ({c.n_heads}) must be a multiple of n_kv_heads ({c.n_kv_heads})")
+    if getattr(c, "top_k", 0) > getattr(c, "n_experts", 0) > 0:
+        raise ValueError(f"{name}.top_k ({c.top_k}) exceeds n_experts ({c.n_experts})")
+    if getattr(c, "sliding_window", 0) > c.max_seq_len:
+        raise ValueError(f"{name}.sliding_window ({c.sliding_window}) is larger than the context max_seq_len "
+                         f"({c.max_seq_len}): lower sliding_window or raise max_seq_len")
+    if c.attn_backend not in BACKENDS:
+        raise ValueError(f"{name}.attn_backend {c.attn_backend!r} unknown; expected one of {BACKENDS}")
+    c.rope_scaling.validate()
+
+
+def check_layer_types(c, allowed: tuple[str, ...]) -> None:
+    if c.layer_types and (len(c.layer_types) != c.n_layers or set(c.layer_types) - set(allowed)):
+        raise ValueError(f"{type(c).__name__}.layer_types must list one of {allowed} per layer ({c.n_layers})")

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, SelfAttention
-from model.causal_lm import CausalLM
+from model.attention import SelfAttention
+from model.causal_lm import CausalLM, check_config, check_layer_types
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.moe import MoE
@@ -74,24 +74,9 @@ class GptOssConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "n_experts",
-                     "top_k", "max_seq_len", "sliding_window"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GptOssConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.head_dim % 2:
-            raise ValueError(f"GptOssConfig.head_dim ({self.head_dim}) must be even for RoPE")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"GptOssConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.top_k > self.n_experts:
-            raise ValueError(f"GptOssConfig.top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
-        if self.sliding_window > self.max_seq_len:
-            raise ValueError(f"GptOssConfig.sliding_window ({self.sliding_window}) is larger than the context "
-                             f"max_seq_len ({self.max_seq_len}): lower sliding_window or raise max_seq_len")
-        if self.layer_types and (len(self.layer_types) != self.n_layers or set(self.layer_types) - set(LAYER_TYPES)):
-            raise ValueError(f"GptOssConfig.layer_types must list one of {LAYER_TYPES} per layer ({self.n_layers})")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"GptOssConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
-        self.rope_scaling.validate()
+        check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                            "n_experts", "top_k", "max_seq_len", "sliding_window"))
+        check_layer_types(self, LAYER_TYPES)
 
 
 # Named sizes, each the exact shape of the published model (its config.json).

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, SelfAttention
-from model.causal_lm import CausalLM
+from model.attention import SelfAttention
+from model.causal_lm import CausalLM, check_config
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.moe import MoE
@@ -59,20 +59,10 @@ class GraniteMoeConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k",
-                     "max_seq_len", "logits_scaling"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GraniteMoeConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads or self.head_dim % 2:
-            raise ValueError(f"GraniteMoeConfig: dim ({self.dim}) / n_heads ({self.n_heads}) must be an even integer")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"GraniteMoeConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
-        if self.top_k > self.n_experts:
-            raise ValueError(f"GraniteMoeConfig.top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"GraniteMoeConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
-        self.rope_scaling.validate()
+        if self.n_heads > 0 and self.dim % self.n_heads:
+            raise ValueError(f"GraniteMoeConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k",
+                            "max_seq_len", "logits_scaling"))
 
 
 # Named sizes, each the exact shape of the published model (its config.json).

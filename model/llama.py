@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, SelfAttention
-from model.causal_lm import CausalLM
+from model.attention import SelfAttention
+from model.causal_lm import CausalLM, check_config
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_loss
 from model.norm import RMSNorm
@@ -49,19 +49,9 @@ class LlamaConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads != 0:
+        if self.n_heads > 0 and self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2 != 0:
-            raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"LlamaConfig.attn_backend {self.attn_backend!r} unknown; expected one of {BACKENDS}")
-        self.rope_scaling.validate()
+        check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"))
 
 
 # Named sizes. Those named after a published model have its exact shapes (from its config.json).

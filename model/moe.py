@@ -7,8 +7,8 @@
 
 Every token reaches all k of its experts: there is no capacity and nothing is dropped. The N * k (token, expert)
 pairs are sorted by expert so that each expert's tokens are one contiguous block, the blocks go through one
-grouped matrix multiply per projection (torch._grouped_mm on GPUs that have it, a loop over the blocks
-elsewhere), and the results are scattered back to their tokens with index_add.
+grouped matrix multiply per projection (torch._grouped_mm on GPUs that have it, with each block padded to 8
+rows; a loop over the blocks elsewhere), and the results are scattered back to their tokens with index_add.
 
 Expert weights are stored as one 3-D tensor per projection, each expert in nn.Linear layout (out, in):
     w_gate_up (E, 2 * ffn_dim, dim)  rows [0, ffn_dim) the gate, [ffn_dim, 2 * ffn_dim) the up projection
@@ -47,6 +47,22 @@ def grouped_supported(x: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+GROUP_ALIGN = 8  # _grouped_mm wants each expert's rows to start 16-byte aligned in bf16 (torchtitan pads to 8)
+
+
+def _padded_rows(counts: Tensor, n_rows: int) -> tuple[Tensor, Tensor, int]:
+    """Where each of the n_rows sorted rows goes when every expert's block is padded to GROUP_ALIGN rows:
+    (dest (n_rows,), padded block ends (E,) int32, padded buffer length). The buffer length is the bound
+    n_rows + E * (GROUP_ALIGN - 1), fixed in advance so that nothing waits for the GPU."""
+    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN  # (E,)
+    ends = torch.cumsum(padded, dim=0)  # (E,)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                            output_size=n_rows)  # (n_rows,)
+    first_row = torch.cumsum(counts, dim=0) - counts  # (E,) where each block starts, unpadded
+    dest = (ends - padded)[expert_of_row] + torch.arange(n_rows, device=counts.device) - first_row[expert_of_row]
+    return dest, ends.to(torch.int32), n_rows + len(counts) * (GROUP_ALIGN - 1)
+
+
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,
                use_grouped: bool | None = None) -> Tensor:
     """Rows of x (M, in), sorted so that expert e owns the next counts[e] rows, times that expert's w[e] (out, in)
@@ -55,8 +71,9 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,
     if use_grouped is None:
         use_grouped = grouped_supported(x)
     if use_grouped:
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert's block
-        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)  # (M, out)
+        dest, ends, n_padded = _padded_rows(counts, x.shape[0])
+        xp = x.new_zeros(n_padded, x.shape[1]).index_copy(0, dest, x)  # (M_pad, in) blocks padded with zero rows
+        y = torch._grouped_mm(xp, w.transpose(-2, -1), offs=ends).index_select(0, dest)  # (M, out)
         if bias is not None:
             y = y + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])  # (M, out)
         return y

@@ -318,3 +318,16 @@ def test_invalid_configuration_raises():
         MoE(DIM, FFN, E, 6)
     with pytest.raises(ValueError, match=r"top_k \(0\)"):
         MoE(DIM, FFN, E, 0)
+
+
+def test_padded_rows_align_every_expert_block():
+    """_grouped_mm's input: expert e's rows land, in order, in a block starting at a multiple of GROUP_ALIGN."""
+    from model.moe import GROUP_ALIGN, _padded_rows
+
+    counts = torch.tensor([3, 0, 9, 8, 1])
+    dest, ends, n_padded = _padded_rows(counts, int(counts.sum()))
+    assert n_padded == 21 + 5 * (GROUP_ALIGN - 1)
+    assert ends.tolist() == [8, 8, 24, 32, 40] and ends.dtype == torch.int32
+    starts = [0, 8, 8, 24, 32]
+    expected = [s + i for s, c in zip(starts, counts.tolist()) for i in range(c)]
+    assert dest.tolist() == expected

@@ -22,6 +22,7 @@ from data.tokenizer import load_tokenizer
 from generate import sample
 from model import build_model
 from model.hf import config_from_pretrained, load_pretrained_weights, resolve_model_dir
+from model.moe import expert_load
 from model.weights import WeightMismatchError, load_safetensors
 from training import checkpoint
 from training.config import TrainConfig, parse_cli, to_dict
@@ -177,6 +178,8 @@ def main(argv: list[str]) -> dict:
                  "tokens_per_s": rate}
             if peak:
                 r["mfu"] = flops_per_step / dt / peak
+            if (load := expert_load(model)) is not None:  # mixtures of experts: the busiest expert vs an even split
+                r["expert_load"] = load
             eta = (now - t_start) / (step - start_step) * (cfg.max_steps - step)
             logger.write(r)
             print(logger.train_line(r, cfg.max_steps, eta), flush=True)

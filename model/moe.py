@@ -176,3 +176,11 @@ def moe_ref(moe: MoE, x: Tensor) -> Tensor:
             y = y + weights[n, j] * h
         rows.append(y)
     return torch.stack(rows).view(x.shape)
+
+
+def expert_load(model: nn.Module) -> float | None:
+    """The busiest expert's share of tokens relative to a perfectly even split, worst layer of the last forward
+    (1.0 = balanced, n_experts = every token on one expert); None for a model without experts. For logging."""
+    loads = [m.tokens_per_expert.max().item() * m.n_experts / max(m.tokens_per_expert.sum().item(), 1)
+             for m in model.modules() if isinstance(m, MoE)]
+    return max(loads) if loads else None

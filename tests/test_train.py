@@ -327,6 +327,12 @@ def test_family_trains_resumes_exactly_and_exports(config_file, tmp_path):
     expected, resumed = losses(whole), losses(halves)
     assert expected[6] < expected[1]
     assert resumed == expected
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    loads = [r["expert_load"] for r in records if "expert_load" in r]
+    if "gemma2" in config_file:
+        assert not loads
+    else:  # the busiest of 4 experts, top-2: between an even split and every token on it (2x)
+        assert len(loads) == 6 and all(1.0 <= x <= 2.0 for x in loads)
 
     model, cfg = checkpoint.load_model(whole)
     assert type(model.config) is type(cfg.model) and model.config == cfg.model

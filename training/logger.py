@@ -73,6 +73,8 @@ class Logger:
                  f"gnorm {r['grad_norm']:.2f}", f"{format_count(r['tokens_per_s'])} tok/s"]
         if r.get("mfu") is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if r.get("expert_load") is not None:
+            parts.append(f"experts {r['expert_load']:.2f}x")
         if r.get("skipped"):
             parts.append(f"skipped {r['skipped']}")
         parts.append(f"eta {format_duration(eta_s)}")

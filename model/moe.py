@@ -78,9 +78,13 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None,
             y = y + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])  # (M, out)
         return y
     blocks = torch.split(x, counts.tolist())  # one host sync: the block sizes
+    # unbind, not w[e]: one autograd node stacks the E gradients, where E indexing ops would each add a
+    # zero-filled copy of the whole (E, out, in) tensor in the backward
+    weights = w.unbind(0)
     if bias is None:
-        return torch.cat([block @ w[e].T for e, block in enumerate(blocks)])  # (M, out)
-    return torch.cat([block @ w[e].T + bias[e] for e, block in enumerate(blocks)])  # (M, out)
+        return torch.cat([block @ weights[e].T for e, block in enumerate(blocks)])  # (M, out)
+    biases = bias.unbind(0)
+    return torch.cat([block @ weights[e].T + biases[e] for e, block in enumerate(blocks)])  # (M, out)
 
 
 class MoE(nn.Module):

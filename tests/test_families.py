@@ -441,3 +441,19 @@ def test_kv_cache_decode_equals_the_full_forward(variant, backend):
             step = model(idx[:, t:t + 1], cache=cache)  # (B, 1, V)
             assert max_abs_diff(step[:, 0], full[:, t]) <= LOGITS_ATOL, t
         assert cache.length == T
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_flops_per_token_counts_active_experts_and_windows(top_k):
+    """6 * (every Linear + top_k experts' weights per layer) + 12 * n_heads * head_dim * keys seen, where a
+    sliding-window layer sees min(window, seq) keys: written out by hand for the GPT-OSS debug shape."""
+    c = dataclasses.replace(GPT_OSS_CONFIGS["debug"], top_k=top_k)
+    model = build_model(c)
+    seq = 100  # longer than the debug window (16): layer 0 sees 16 keys, layer 1 all 100
+    attn_linear = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
+    router = c.dim * c.n_experts
+    expert = 3 * c.dim * c.ffn_dim
+    head = c.dim * c.vocab_size
+    n_matmul = c.n_layers * (attn_linear + router + top_k * expert) + head
+    expected = 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * (16 + seq)
+    assert model.flops_per_token(seq) == expected

@@ -44,9 +44,10 @@ def dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat
     return values.flatten(-2)  # (..., G * 32)
 
 
-def mxfp4_to_dense(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def mxfp4_to_dense(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16,
+                   name: str = "tensor") -> Tensor:
     """An MXFP4 pair (E, out, G, 16), (E, out, G) -> the unquantised parameter (E, in, out) in dtype."""
-    dense_shape(tuple(blocks.shape), tuple(scales.shape))
+    dense_shape(tuple(blocks.shape), tuple(scales.shape), name)
     return dequantize(blocks, scales, dtype).transpose(-2, -1).contiguous()
 
 

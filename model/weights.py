@@ -149,7 +149,7 @@ class CheckpointReader:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         source = self._sources[name]
         if source[0] == "mxfp4":
-            return mxfp4.mxfp4_to_dense(self._raw(source[1]), self._raw(source[2]), dtype or torch.bfloat16)
+            return mxfp4.mxfp4_to_dense(self._raw(source[1]), self._raw(source[2]), dtype or torch.bfloat16, name)
         return self._raw(name)
 
     def close(self) -> None:

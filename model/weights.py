@@ -111,11 +111,10 @@ class CheckpointReader:
     """
 
     def __init__(self, paths: list[str]):
-        self.paths = list(paths)
         self._files = {}
         raw: dict[str, tuple[str, tuple]] = {}  # name -> (path, shape)
         duplicates = []
-        for path in self.paths:
+        for path in paths:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if name in raw:
@@ -204,12 +203,14 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
     check_tensors(expected, found, ", ".join(paths))
 
     # 2) stream: one tensor at a time
-    with torch.no_grad():
-        for name, their_name in location.items():
-            tensor = reader.get(their_name, dtype=targets[name].dtype)
-            transform = find_transform(name)
-            targets[name].copy_(transform.load(tensor) if transform is not None else tensor)
-    reader.close()
+    try:
+        with torch.no_grad():
+            for name, their_name in location.items():
+                tensor = reader.get(their_name, dtype=targets[name].dtype)
+                transform = find_transform(name)
+                targets[name].copy_(transform.load(tensor) if transform is not None else tensor)
+    finally:
+        reader.close()
     if hasattr(model, "init_buffers"):
         model.init_buffers()
 

@@ -4,8 +4,34 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run natively on a GPU and under Triton's interpreter elsewhere. The interpreter is chosen by this
+# variable, read when triton is first imported, so it is set before any test module imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config):
+    import kernels
+
+    if not kernels.HAS_TRITON:
+        return "kernels: triton is not installed, kernel tests skip"
+    if torch.cuda.is_available():
+        return f"kernels: native Triton on {torch.cuda.get_device_name()}"
+    return "kernels: no CUDA device, Triton kernels run under TRITON_INTERPRET=1 on CPU (GPU-native runs need a GPU)"
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where kernel tests run: the GPU when there is one, else the CPU under Triton's interpreter."""
+    import kernels
+
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed (requirements-test.txt installs it)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

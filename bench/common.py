@@ -1,8 +1,14 @@
-"""What the benchmarks share: the transformers twin of one of our models, device sync, alternating timing."""
+"""What the benchmarks share: the transformers twin of one of our models, device sync, alternating timing, and
+peak memory (CUDA allocator stats; on CPU, resident pages measured in a fresh subprocess)."""
 
+import json
+import os
+import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
@@ -46,3 +52,29 @@ def time_alternating(fns: dict[str, Callable[[], None]], warmup: int, iters: int
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def rss_step_peak(step: Callable[[], None]) -> dict[str, float]:
+    """{"peak_mib", "rss_before_mib"}: the resident memory (Linux) that one call of step adds at its peak. Meant for
+    a fresh process started by run_probe, where large tensors are mappings of their own that go back to the OS."""
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    step()
+    peak = _proc_status_kib("VmHWM")
+    return {"peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024}
+
+
+def run_probe(cmd: list[str], name: str) -> dict:
+    """Run a memory probe (a benchmark re-invoked with its --probe options) in a fresh subprocess whose glibc mmap
+    threshold is pinned at 64 KiB, so every tensor over 64 KiB is its own mapping and is returned to the OS when
+    freed; the last line it prints is JSON, returned as a dict."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"memory probe for {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

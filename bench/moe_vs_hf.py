@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script (python bench/moe_vs_hf.py): ma
 import torch
 import transformers
 
-from bench.common import sync, time_alternating
+from bench.common import rss_step_peak, run_probe, sync, time_alternating
 from model import attention, gpt_oss, granite_moe
 from model.hf import from_pretrained
 from model.moe import grouped_supported
@@ -130,10 +130,6 @@ def step_fn(name: str, model: torch.nn.Module, idx: torch.Tensor, labels: torch.
 # ------------------------------------------------------------------------------------------------ peak memory
 
 
-def _proc_status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
 def probe_cpu_peak(args: argparse.Namespace) -> None:
     """(--probe ours|hf, in a fresh process) print {"peak_mib": ...}: resident memory one step adds at its peak."""
     model = load_pair(args.family, args.probe_dir, args, which=(args.probe,))[args.probe]
@@ -142,11 +138,7 @@ def probe_cpu_peak(args: argparse.Namespace) -> None:
     for _ in range(2):  # warm up: one-time allocations (oneDNN primitives, HF mask caches) land in the baseline
         step()
     model.zero_grad(set_to_none=True)
-    before = _proc_status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-    step()
-    peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024}))
+    print(json.dumps(rss_step_peak(step)))
 
 
 def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespace) -> float:
@@ -155,12 +147,7 @@ def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespac
     for key in ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn", "experts", "top_k", "vocab", "seq", "batch",
                 "device", "dtype", "attn", "hf_attn", "threads", "seed"):
         cmd += [f"--{key}", str(getattr(args, key))]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"memory probe for {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return run_probe(cmd, name)["peak_mib"]
 
 
 def cuda_peak_mib(model: torch.nn.Module, step) -> float:

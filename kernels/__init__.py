@@ -2,22 +2,82 @@
 forward/backward that launch them, one torch.autograd.Function, and an eager PyTorch `*_ref` beside it that the
 tests hold the kernel to.
 
-Triton is imported only by the kernel files themselves, so CPU installs without Triton import model code freely;
-`triton_usable(t)` tells the model whether a kernel can run on tensor t: natively on CUDA, or on CPU under
-TRITON_INTERPRET=1 (Triton's interpreter, which the tests use on machines without a GPU).
+    rope.py                        rotary embedding of q and k in one launch, forward and backward
+    cross_entropy.py               loss and gradient in one pass over each row of logits
+    fused_linear_cross_entropy.py  the loss from hidden states and the output head, never holding all the logits
+
+Triton is imported only by the kernel files themselves, so installs without Triton (CPU machines) import the
+model code freely. This module holds what the model needs to choose a path: KernelConfig, its per-family switch,
+and `triton_usable`.
 """
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton itself reads it at import
 
 
-def triton_usable(t: torch.Tensor) -> bool:
+@dataclass
+class KernelConfig:
+    """The model's fast paths. Each Triton kernel runs on CUDA tensors (and, with interpret, on CPU tensors under
+    Triton's interpreter); elsewhere, or switched off, the eager PyTorch path runs. Every path is tested against
+    the eager one."""
+
+    enabled: bool = True  # master switch: false = every path eager PyTorch (full logits, F-style loss, eager RoPE)
+    rope: bool = True  # Triton RoPE, q and k in one launch (kernels.rope)
+    cross_entropy: bool = True  # Triton cross-entropy, loss and gradient in one pass per row (kernels.cross_entropy)
+    fused_linear_cross_entropy: bool = True  # loss from hidden states without full logits, on every device (kernels.fused_linear_cross_entropy)
+    interpret: bool = False  # also run the Triton kernels on CPU tensors, through TRITON_INTERPRET=1 (slow: tests)
+
+    def use(self, name: str, t: Tensor) -> bool:
+        """Whether the Triton kernel `name` ("rope" or "cross_entropy") runs for tensor t."""
+        if not (self.enabled and getattr(self, name)):
+            return False
+        if t.device.type == "cpu" and self.interpret:
+            if not (HAS_TRITON and INTERPRET):
+                raise RuntimeError("kernels.interpret=True runs Triton kernels on CPU through Triton's interpreter: "
+                                   "install triton and start the process with TRITON_INTERPRET=1")
+            return True
+        return t.is_cuda and HAS_TRITON
+
+    def fused_loss(self) -> bool:
+        """Whether the loss is computed from the hidden states, chunk by chunk (on every device)."""
+        return self.enabled and self.fused_linear_cross_entropy
+
+
+def triton_usable(t: Tensor) -> bool:
     """True when a Triton kernel can run on t's device: CUDA with Triton installed, or CPU under the interpreter."""
     if not HAS_TRITON:
         return False
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def check_loss_rows(loss_rows: Tensor, labels: Tensor, vocab_size: int, ignore_index: int = -100,
+                    what: str = "logits") -> None:
+    """Raise ValueError if any loss row is not finite, saying which row and why: a label outside [0, V) that is not
+    ignore_index, or a learnable row whose `what` hold inf or NaN. One host sync when all is well.
+
+    A -inf logit off the label (a masked vocabulary entry) gives a finite loss and passes, except under label
+    smoothing, which sums every logit (as F.cross_entropy, the loss is then inf); under a softcap, +-inf logits
+    are capped to +-c and pass.
+    """
+    if bool(torch.isfinite(loss_rows).all()):
+        return
+    labels = labels.reshape(-1)
+    bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))  # (N,)
+    if bool(bad_label.any()):
+        rows = bad_label.nonzero().flatten()
+        i = int(rows[0])
+        raise ValueError(f"label {int(labels[i])} at row {i} (of {len(rows)} such rows) is outside [0, {vocab_size}) "
+                         f"and is not ignore_index={ignore_index}: fix the labels, or mark positions that should not "
+                         f"count with ignore_index")
+    rows = (~torch.isfinite(loss_rows.reshape(-1))).nonzero().flatten()
+    i = int(rows[0])
+    raise ValueError(f"row {i} (label {int(labels[i])}) has a non-finite loss {float(loss_rows.reshape(-1)[i])}: its "
+                     f"{what} hold inf or NaN ({len(rows)} such rows). The model's activations overflowed or "
+                     f"diverged: look at the learning rate, the loss scale, or the layer that produced the {what}")

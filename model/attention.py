@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import KernelConfig
 from model.rope import apply_rope
 
 BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
@@ -364,8 +365,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer_id: int, backend: str = "sdpa",
                  *, qkv_bias: bool = False, out_bias: bool = False, scale: float | None = None, window: int = 0,
-                 softcap: float = 0.0, sinks: bool = False):
+                 softcap: float = 0.0, sinks: bool = False, kernels: KernelConfig | None = None):
         super().__init__()
+        self.kernels = kernels or KernelConfig()  # RoPE by the Triton kernel where kernels.use("rope", q)
         self.layer_id = layer_id  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.backend, self.scale, self.window, self.softcap = backend, scale, window, softcap
@@ -381,7 +383,12 @@ class SelfAttention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels.use("rope", q):
+            from kernels.rope import rope  # imports triton, which CPU installs may lack
+
+            q, k = rope(q, k, cos, sin)  # q and k in one launch
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from kernels import KernelConfig
 from model.attention import SelfAttention
 from model.causal_lm import CausalLM, check_config, check_layer_types
 from model.kv_cache import KVCache
-from model.loss import LossOutput, lm_loss
+from model.loss import LossOutput, lm_head_loss
 from model.norm import RMSNorm
 from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
 
@@ -51,6 +52,7 @@ class Gemma2Config:
     final_softcap: float = 30.0  # output logits -> cap * tanh(logits / cap); 0 = off
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     attn_backend: str = "auto"  # attention implementation (model.attention): auto | eager | sdpa | flex | flash
+    kernels: KernelConfig = field(default_factory=KernelConfig)  # Triton and fused fast paths (kernels.KernelConfig)
     init_std: float = 0.02  # std of the normal init (see Gemma2.init_weights)
 
     def layer_type(self, i: int) -> str:
@@ -96,7 +98,8 @@ class Block(nn.Module):
         window = c.sliding_window if c.layer_type(layer_id) == "sliding_attention" else 0
         self.attn_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
         self.attn = SelfAttention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, layer_id, c.attn_backend,
-                                  scale=c.query_pre_attn_scalar ** -0.5, window=window, softcap=c.attn_softcap)
+                                  scale=c.query_pre_attn_scalar ** -0.5, window=window, softcap=c.attn_softcap,
+                                  kernels=c.kernels)
         self.post_attn_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
         self.mlp_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
         self.mlp = MLP(c)
@@ -159,13 +162,11 @@ class Gemma2(CausalLM):
             x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
         if cache is not None:
             cache.advance(idx.shape[1])
-        logits = self.output(self.norm(x))  # (B, T, vocab_size)
-        cap = self.config.final_softcap
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        if labels is None:
-            return logits
-        return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
+        x, cap = self.norm(x), self.config.final_softcap  # (B, T, dim)
+        if labels is not None:  # the loss applies the cap itself (by default never holding all logits)
+            return lm_head_loss(x, self.output, labels, self.config.kernels, softcap=cap)
+        logits = self.output(x)  # (B, T, vocab_size)
+        return cap * torch.tanh(logits / cap) if cap else logits
 
 
 CONFIG_CLASS = Gemma2Config

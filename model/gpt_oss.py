@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from kernels import KernelConfig
 from model.attention import SelfAttention
 from model.causal_lm import CausalLM, check_config, check_layer_types
 from model.kv_cache import KVCache
-from model.loss import LossOutput, lm_loss
+from model.loss import LossOutput, lm_head_loss
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
@@ -67,6 +68,7 @@ class GptOssConfig:
     z_loss_coef: float = 0.0  # router z-loss weight; 0 = off
     tie_embeddings: bool = False  # output head shares the token embedding matrix
     attn_backend: str = "auto"  # attention implementation (model.attention): auto | eager | flex (sinks need one of these)
+    kernels: KernelConfig = field(default_factory=KernelConfig)  # Triton and fused fast paths (kernels.KernelConfig)
     init_std: float = 0.02  # std of the normal init (see GptOss.init_weights)
 
     def layer_type(self, i: int) -> str:
@@ -96,7 +98,8 @@ class Block(nn.Module):
         window = c.sliding_window if c.layer_type(layer_id) == "sliding_attention" else 0
         self.attn_norm = RMSNorm(c.dim, c.norm_eps, scale_in_fp32=True)
         self.attn = SelfAttention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, layer_id, c.attn_backend,
-                                  qkv_bias=True, out_bias=True, window=window, sinks=True)
+                                  qkv_bias=True, out_bias=True, window=window, sinks=True,
+                                  kernels=c.kernels)
         self.mlp_norm = RMSNorm(c.dim, c.norm_eps, scale_in_fp32=True)
         self.moe = MoE(c.dim, c.ffn_dim, c.n_experts, c.top_k, activation="gpt_oss", bias=True, router_bias=True,
                        swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, aux_loss_coef=c.aux_loss_coef,
@@ -163,10 +166,11 @@ class GptOss(CausalLM):
             aux = aux + layer_aux
         if cache is not None:
             cache.advance(idx.shape[1])
-        logits = self.output(self.norm(x))  # (B, T, vocab_size)
+        x = self.norm(x)  # (B, T, dim)
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, reuse_logits=True)._replace(aux_loss=aux / self.config.n_layers)
+            return self.output(x)  # (B, T, vocab_size)
+        loss = lm_head_loss(x, self.output, labels, self.config.kernels)  # by default never holding all logits
+        return loss._replace(aux_loss=aux / self.config.n_layers)
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face interop

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from kernels import KernelConfig
 from model.attention import SelfAttention
 from model.causal_lm import CausalLM, check_config
 from model.kv_cache import KVCache
-from model.loss import LossOutput, lm_loss
+from model.loss import LossOutput, lm_head_loss
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
@@ -51,6 +52,7 @@ class GraniteMoeConfig:
     z_loss_coef: float = 0.0  # router z-loss weight; 0 = off
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     attn_backend: str = "auto"  # attention implementation (model.attention): auto | eager | sdpa | flex | flash
+    kernels: KernelConfig = field(default_factory=KernelConfig)  # Triton and fused fast paths (kernels.KernelConfig)
     init_std: float = 0.02  # std of the normal init (see GraniteMoe.init_weights)
 
     @property
@@ -82,7 +84,8 @@ class Block(nn.Module):
         self.residual_multiplier = c.residual_multiplier
         self.attn_norm = RMSNorm(c.dim, c.norm_eps)
         self.attn = SelfAttention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, layer_id, c.attn_backend,
-                                  scale=c.attention_multiplier)
+                                  scale=c.attention_multiplier,
+                                  kernels=c.kernels)
         self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
         self.moe = MoE(c.dim, c.ffn_dim, c.n_experts, c.top_k, activation="silu", aux_loss_coef=c.aux_loss_coef,
                        z_loss_coef=c.z_loss_coef)
@@ -145,10 +148,12 @@ class GraniteMoe(CausalLM):
             aux = aux + layer_aux
         if cache is not None:
             cache.advance(idx.shape[1])
-        logits = self.output(self.norm(x)) / self.config.logits_scaling  # (B, T, vocab_size)
+        x = self.norm(x)  # (B, T, dim)
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, reuse_logits=True)._replace(aux_loss=aux / self.config.n_layers)
+            return self.output(x) / self.config.logits_scaling  # (B, T, vocab_size)
+        # output(x) / s = output(x / s) for the bias-free head; the loss takes the scaled hidden states
+        loss = lm_head_loss(x / self.config.logits_scaling, self.output, labels, self.config.kernels)
+        return loss._replace(aux_loss=aux / self.config.n_layers)
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face interop

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from kernels import KernelConfig
 from model.attention import SelfAttention
 from model.causal_lm import CausalLM, check_config
 from model.kv_cache import KVCache
-from model.loss import LossOutput, lm_loss
+from model.loss import LossOutput, lm_head_loss
 from model.norm import RMSNorm
 from model.rope import RopeScaling, rope_scaling_from_hf, rope_scaling_to_hf
 
@@ -41,6 +42,7 @@ class LlamaConfig:
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     qkv_bias: bool = False  # Qwen2: bias on the q, k, v projections (never on the output projection)
     attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused kernels) | "eager" (fp32 reference) | "flex" | "flash" | "auto" (model.attention)
+    kernels: KernelConfig = field(default_factory=KernelConfig)  # Triton and fused fast paths (kernels.KernelConfig)
     init_std: float = 0.02  # std of the normal init (see Llama.init_weights)
 
     @property
@@ -92,7 +94,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = SelfAttention(config.dim, config.n_heads, config.n_kv_heads, config.dim // config.n_heads, layer_id,
-                                  config.attn_backend, qkv_bias=config.qkv_bias)
+                                  config.attn_backend, qkv_bias=config.qkv_bias, kernels=config.kernels)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
@@ -163,10 +165,9 @@ class Llama(CausalLM):
         if cache is not None:
             cache.advance(idx.shape[1])
         x = self.norm(x)  # (B, T, dim)
-        logits = self.output(x)  # (B, T, vocab_size)
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, reuse_logits=True)  # the logits never leave this function
+            return self.output(x)  # (B, T, vocab_size)
+        return lm_head_loss(x, self.output, labels, self.config.kernels)  # by default never holding all logits
 
 CONFIG_CLASS = LlamaConfig
 HF_MODEL_TYPES = ("llama", "qwen2")

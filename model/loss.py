@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from kernels import KernelConfig
+from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 
 class LossOutput(NamedTuple):
@@ -97,3 +100,32 @@ def lm_loss_ref(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Los
     learnable = flat_labels != ignore_index  # (B*T,)
     n_correct = ((flat_logits.detach().argmax(dim=-1) == flat_labels) & learnable).sum()
     return LossOutput(loss_sum, learnable.sum(), n_correct)
+
+
+def lm_head_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, kernels: KernelConfig, softcap: float = 0.0,
+                 ignore_index: int = -100) -> LossOutput:
+    """The LossOutput of logits = softcap(head(hidden)) (B, T, V) against labels (B, T), by the path the kernel
+    switches choose (see kernels.KernelConfig), all of them the same sums:
+
+    - fused linear cross-entropy (default): chunk by chunk from the hidden states, never holding the (B, T, V)
+      logits; each chunk's loss by the Triton kernel on CUDA, by PyTorch elsewhere;
+    - else the full logits, then the Triton cross-entropy kernel (gradient written into the logits), or lm_loss.
+    softcap > 0 caps the logits as cap * tanh(logits / cap) (Gemma2's final softcap) inside the loss.
+    """
+    n_tokens = (labels != ignore_index).sum()
+    triton_loss = kernels.use("cross_entropy", hidden)
+    if kernels.fused_loss():
+        loss_sum, n_correct = fused_linear_cross_entropy(hidden, head.weight, labels, head.bias, reduction="sum",
+                                                         softcap=softcap, ignore_index=ignore_index,
+                                                         use_triton=triton_loss)
+        return LossOutput(loss_sum, n_tokens, n_correct)
+    logits = head(hidden)  # (B, T, V)
+    if triton_loss:
+        from kernels.cross_entropy import cross_entropy
+
+        loss_sum, n_correct = cross_entropy(logits, labels, reduction="sum", softcap=softcap,
+                                            ignore_index=ignore_index, inplace_grad=True)
+        return LossOutput(loss_sum, n_tokens, n_correct)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return lm_loss(logits, labels, ignore_index, reuse_logits=True)  # the logits never leave this function

@@ -35,9 +35,6 @@ loaded, gradients None, after warmup steps), so it counts activations, gradients
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path

@@ -24,7 +24,7 @@ from training.config import load_config
 from kernels import KernelConfig
 from model import build_model
 from model.llama import LlamaConfig
-from test_families import OURS, our_model, tokens
+from test_families import our_model, tokens
 
 PATHS = {
     "eager": KernelConfig(enabled=False),

@@ -78,3 +78,13 @@ def run_probe(cmd: list[str], name: str) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"memory probe for {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cuda_step_peak_mib(step: Callable[[], None]) -> float:
+    """Peak tensor memory one call of step allocates on the GPU above what is allocated before it, in MiB."""
+    sync("cuda")
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync("cuda")
+    return (torch.cuda.max_memory_allocated() - before) / 2**20

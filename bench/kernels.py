@@ -42,10 +42,9 @@ if __package__ in (None, ""):  # run as a script (python bench/kernels.py): make
 import torch
 import torch.nn.functional as F
 
-from bench.common import rss_step_peak, run_probe, sync, time_alternating
+from bench.common import cuda_step_peak_mib, rss_step_peak, run_probe, time_alternating
 from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
-MiB = 2**20
 VOCABS = (32000, 128256, 201088)
 HIDDENS = (2048, 2880, 4096)
 PAIRS = ((4096, 32000), (2048, 128256), (2880, 201088))
@@ -166,12 +165,7 @@ def clear_grads(inputs: dict) -> None:
 
 def cuda_peak_mib(step: Callable, inputs: dict) -> float:
     clear_grads(inputs)
-    sync("cuda")
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    sync("cuda")
-    return (torch.cuda.max_memory_allocated() - before) / MiB
+    return cuda_step_peak_mib(step)
 
 
 def copy_bandwidth(inputs: dict, warmup: int, iters: int) -> float:

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script (python bench/moe_vs_hf.py): ma
 import torch
 import transformers
 
-from bench.common import rss_step_peak, run_probe, sync, time_alternating
+from bench.common import cuda_step_peak_mib, rss_step_peak, run_probe, time_alternating
 from model import attention, gpt_oss, granite_moe
 from model.hf import from_pretrained
 from model.moe import grouped_supported
@@ -150,12 +150,7 @@ def cpu_peak_mib(name: str, family: str, model_dir: str, args: argparse.Namespac
 def cuda_peak_mib(model: torch.nn.Module, step) -> float:
     """Peak tensor memory one step of `model` allocates above what is allocated before it (its grads freed), in MiB."""
     model.zero_grad(set_to_none=True)
-    sync("cuda")
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    sync("cuda")
-    return (torch.cuda.max_memory_allocated() - before) / MiB
+    return cuda_step_peak_mib(step)
 
 
 # ------------------------------------------------------------------------------------------------ one family

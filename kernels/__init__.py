@@ -7,8 +7,8 @@ tests hold the kernel to.
     fused_linear_cross_entropy.py  the loss from hidden states and the output head, never holding all the logits
 
 Triton is imported only by the kernel files themselves, so installs without Triton (CPU machines) import the
-model code freely. This module holds what the model needs to choose a path: KernelConfig, its per-family switch,
-and `triton_usable`.
+model code freely. This module holds what the model needs to choose a path (KernelConfig, the `kernels` field of
+every family's config) and the loss-row check that the kernels and the PyTorch chunks share.
 """
 
 import importlib.util
@@ -31,7 +31,7 @@ class KernelConfig:
     enabled: bool = True  # master switch: false = every path eager PyTorch (full logits, F-style loss, eager RoPE)
     rope: bool = True  # Triton RoPE, q and k in one launch (kernels.rope)
     cross_entropy: bool = True  # Triton cross-entropy, loss and gradient in one pass per row (kernels.cross_entropy)
-    fused_linear_cross_entropy: bool = True  # loss from hidden states without full logits, on every device (kernels.fused_linear_cross_entropy)
+    fused_linear_cross_entropy: bool = True  # loss from hidden states, never the full logits (all devices)
     interpret: bool = False  # also run the Triton kernels on CPU tensors, through TRITON_INTERPRET=1 (slow: tests)
 
     def use(self, name: str, t: Tensor) -> bool:
@@ -48,13 +48,6 @@ class KernelConfig:
     def fused_loss(self) -> bool:
         """Whether the loss is computed from the hidden states, chunk by chunk (on every device)."""
         return self.enabled and self.fused_linear_cross_entropy
-
-
-def triton_usable(t: Tensor) -> bool:
-    """True when a Triton kernel can run on t's device: CUDA with Triton installed, or CPU under the interpreter."""
-    if not HAS_TRITON:
-        return False
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
 def check_loss_rows(loss_rows: Tensor, labels: Tensor, vocab_size: int, ignore_index: int = -100,

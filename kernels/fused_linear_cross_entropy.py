@@ -103,17 +103,21 @@ def _chunked_pass(h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, opts: 
     grad_w = torch.zeros(w.shape, dtype=weight_dtype, device=w.device) if need_w else None  # (V, H)
     grad_b = torch.zeros(V, dtype=torch.float32, device=w.device) if need_b else None  # (V,)
     if use_triton:
-        from kernels.cross_entropy import cross_entropy_forward as row_kernel
+        from kernels.cross_entropy import cross_entropy_forward, scale_rows_
     for start in range(0, N, chunk_rows):
         rows = slice(start, start + chunk_rows)
         logits = h[rows] @ w.T  # (n, V) compute dtype
         if b is not None:
             logits += b
-        scale = grad_scale if grad_scale is None or grad_scale.numel() == 1 else grad_scale[rows]
-        if use_triton and (scale is None or scale.numel() == 1):
-            loss_rows[rows], _, correct[rows] = row_kernel(
-                logits, labels[rows], **opts, grad=logits if write_grad else None, grad_scale=scale)
-        else:  # the PyTorch chunk (also the Triton path's per-row scaling of reduction "none")
+        per_row = grad_scale is not None and grad_scale.numel() > 1  # the backward of reduction "none"
+        scale = grad_scale[rows] if per_row else grad_scale
+        if use_triton:
+            loss_rows[rows], _, correct[rows] = cross_entropy_forward(
+                logits, labels[rows], **opts, grad=logits if write_grad else None,
+                grad_scale=None if per_row else scale)
+            if write_grad and per_row:
+                scale_rows_(logits, scale)
+        else:
             loss_rows[rows], correct[rows] = chunk_loss_and_grad(logits, labels[rows], **opts, grad_scale=scale,
                                                                  write_grad=write_grad)
         if not write_grad:

@@ -108,7 +108,6 @@ def test_training_with_and_without_kernels_gives_the_same_losses(tmp_path):
         runs[name] = step_losses(tmp_path / name)
     assert len(runs["kernels"]) == 40
     worst = max(abs(a - b) for a, b in zip(runs["kernels"], runs["eager"]))
-    print(f"worst per-step loss difference {worst:.2e}")
     assert worst <= 1e-4, f"per-step losses differ by up to {worst:.2e}"
 
 
@@ -118,7 +117,8 @@ def test_training_through_the_triton_kernels_gives_the_same_losses(tmp_path, ker
     common = ["--max_steps=4", "--eval.interval=0", "--ckpt.interval=0", "--log.interval=1",
               "--data.batch_size=2", f"--device={kernel_device}"]
     runs = {}
-    for name, args in {"triton": ["--model.kernels.interpret=true"], "eager": ["--model.kernels.enabled=false"]}.items():
+    variants = {"triton": ["--model.kernels.interpret=true"], "eager": ["--model.kernels.enabled=false"]}
+    for name, args in variants.items():
         train.main(["configs/debug.py", f"--out_dir={tmp_path / name}", *common, *args])
         runs[name] = step_losses(tmp_path / name)
     assert len(runs["triton"]) == 4

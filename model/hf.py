@@ -126,12 +126,13 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
-def load_pretrained_weights(model: nn.Module, path: str | Path) -> None:
-    """Fill a materialised model with the weights of an HF directory or .gguf (names, shapes checked first)."""
+def load_pretrained_weights(model: nn.Module, path: str | Path, copy=None) -> None:
+    """Fill a materialised model with the weights of an HF directory or .gguf (names, shapes checked first);
+    copy as in model.weights.load_safetensors (a sharded model keeps its rows only)."""
     model_dir = resolve_model_dir(path)
     family = family_of(read_hf_config(model_dir))
     load_safetensors(model, weight_files(model_dir), key_map=key_mapper(family.HF_KEY_MAP),
-                     transforms=getattr(family, "HF_TRANSFORMS", None))
+                     transforms=getattr(family, "HF_TRANSFORMS", None), copy=copy)
 
 
 def check_tokenizer_fits(tokenizer, config) -> None:

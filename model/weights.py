@@ -156,7 +156,8 @@ class CheckpointReader:
 
 
 def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str], str | None] | None = None,
-                     transforms: dict[str, Transform] | None = None) -> None:
+                     transforms: dict[str, Transform] | None = None,
+                     copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
     """Fill the model's parameters and persistent buffers from safetensors files, then call model.init_buffers().
 
     Reads only headers first: every tensor name is renamed with key_map (theirs -> ours; None = keep names;
@@ -166,6 +167,9 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
     moved to their device), so peak extra memory is one tensor. A tied parameter (output head sharing the
     embedding) is filled from whichever of its names the checkpoint holds; if it holds both, the shapes must agree
     and the canonical one (the embedding) is used.
+
+    copy(parameter, full_tensor) puts each tensor in place (default: parameter.copy_); a sharded model passes one
+    that keeps only the rank's shard (training.parallel.copy_into_shard).
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -208,7 +212,11 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
             for name, their_name in location.items():
                 tensor = reader.get(their_name, dtype=targets[name].dtype)
                 transform = find_transform(name)
-                targets[name].copy_(transform.load(tensor) if transform is not None else tensor)
+                tensor = transform.load(tensor) if transform is not None else tensor
+                if copy is None:
+                    targets[name].copy_(tensor)
+                else:
+                    copy(targets[name], tensor)
     finally:
         reader.close()
     if hasattr(model, "init_buffers"):

@@ -36,7 +36,7 @@ class DataConfig:
     text_key: str = "text"  # JSON field holding a document's text in .jsonl corpora
     prepare_workers: int = 2  # processes used to tokenise the corpus
     seq_len: int = 256  # tokens per training sequence (context length)
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch, for the whole job: each of N torchrun processes reads batch_size / N
     grad_accum: int = 1  # micro-batches per optimizer step
 
 
@@ -81,6 +81,17 @@ class CkptConfig:
 
 
 @dataclass
+class ParallelConfig:
+    fsdp_single: bool = False  # shard with FSDP2 even at world size 1 (always on when torchrun starts more than one process)
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # FSDP2 compute dtype of the gathered parameters; auto = bf16 when dtype resolves to bf16, else fp32
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # FSDP2 dtype of the gradient reduce-scatter
+    reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (gather again in backward)
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"  # recompute block activations in backward: none, every ac_every-th block, or every block
+    ac_every: int = 2  # selective activation checkpointing: blocks 0, k, 2k, ...
+    timeout_s: int = 600  # a collective that waits longer (a rank died or hangs) fails the job
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "out/run"  # run directory: config.json, metrics.jsonl, ckpt/
     seed: int = 1337  # seed for initialisation and data order
@@ -101,13 +112,15 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         for key, value in flatten(self).items():
             check_value(self, key, value)
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        for key in ("data.seq_len", "data.batch_size", "data.grad_accum", "log.interval"):
+        for key in ("data.seq_len", "data.batch_size", "data.grad_accum", "log.interval", "parallel.ac_every",
+                    "parallel.timeout_s"):
             if get_key(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {get_key(self, key)}")
         if not 0.0 < self.data.val_fraction < 1.0:

@@ -1,7 +1,7 @@
 """Validation loss, perplexity and token accuracy over a stream of (x, y) batches."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -10,33 +10,34 @@ from torch import nn
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, device: torch.device,
-             progress: bool = False) -> dict:
+             progress: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Mean loss over every learnable token of up to `max_batches` batches (0 = all of them).
 
     `batches` is a TokenLoader (reset first, read sequentially) or any iterable of (x, y) pairs. Positions
     labelled -100 count nowhere. Returns val_loss, val_ppl = exp(val_loss), val_token_acc, val_tokens.
-    progress=True shows a progress bar (eval.py; train.py's periodic evaluations stay quiet).
+    progress=True shows a progress bar (eval.py; train.py's periodic evaluations stay quiet). Under torchrun,
+    each rank reads its slice of every batch and reduce sums the totals over ranks.
     """
     total = max_batches or None
     if hasattr(batches, "reset"):
         loader = batches
         loader.reset()
-        available = max(1, loader.n_windows // loader.batch_size)  # sequential: never wrap around
+        available = max(1, loader.n_windows // (loader.batch_size * loader.world_size))  # never wrap around
         total = available if max_batches <= 0 else min(max_batches, available)
         batches = (loader.next_batch() for _ in range(total))
     batches = tqdm(batches, desc="evaluating", unit="batch", total=total, disable=not progress)
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = n_correct = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
     for i, (x, y) in enumerate(batches):
         if max_batches > 0 and i >= max_batches:
             break
         out = model(x.to(device), labels=y.to(device))
-        loss_sum += out.loss_sum.double()
-        n_tokens += int(out.n_tokens)
-        n_correct += int(out.n_correct)
+        totals += torch.stack([out.loss_sum.double(), out.n_tokens.double(), out.n_correct.double()])
     model.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, n_tokens, n_correct = totals[0], int(totals[1]), int(totals[2])
     loss = (loss_sum / max(n_tokens, 1)).item()
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_token_acc": n_correct / max(n_tokens, 1),
             "val_tokens": n_tokens}

@@ -1,12 +1,13 @@
 """A ~1.1B-parameter Llama (Llama-3.2-1B shapes, GPT-2 vocabulary) on SlimPajama, for GPUs.
 
-    torchrun --nproc_per_node=1 train.py configs/pretrain_slimpajama.py --data.corpus=/data/SlimPajama-627B/train
+    torchrun --nproc_per_node=8 train.py configs/pretrain_slimpajama.py --data.corpus=/data/SlimPajama-627B/train
     python train.py configs/pretrain_slimpajama.py --model.n_layers=12 --model.dim=768 ...   # a ~125M variant
 
 The corpus is a directory in SlimPajama's own layout (`chunk*/example_train_*.jsonl.zst`); set it with
 --data.corpus or the SLIMPAJAMA_DIR environment variable. The first run tokenises it into
-data/cache/shards/ with one process per CPU core. One process for now: FSDP2 sharding across GPUs
-arrives with the distributed-training issue. The global batch is 8 x 2048 x 32 = 524,288 tokens.
+data/cache/shards/ with one process per CPU core (rank 0; the other ranks wait). Under torchrun the model is
+sharded with FSDP2 (training/parallel.py). The global batch is 8 x 2048 x 32 = 524,288 tokens whatever the
+number of processes: with 8, each reads 1 of the 8 sequences of every micro-batch.
 """
 
 import os

@@ -79,10 +79,7 @@ def measure(mode: str, args, cfg, dist: parallel.Dist, device: torch.device) -> 
     row = {"mode": mode, "ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
            "mfu": model.flops_per_token(args.seq) * tokens_per_s / peak if peak else None,
            "peak_mib": cuda_step_peak_mib(step) if device.type == "cuda" else None}
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # the model and its optimizer are freed with this frame
 
 
 def main() -> None:
@@ -103,7 +100,11 @@ def main() -> None:
     device = torch.device(args.device)
     dist = parallel.init_distributed(device, fsdp_single=True, timeout_s=600)
     try:
-        rows = [measure(mode, args, cfg, dist, dist.device) for mode in args.modes]
+        rows = []
+        for mode in args.modes:
+            rows.append(measure(mode, args, cfg, dist, dist.device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         parallel.shutdown(dist)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

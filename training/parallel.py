@@ -130,7 +130,8 @@ def parallelize(model: nn.Module, d: Dist, param_dtype: torch.dtype, reduce_dtyp
         # sum the ranks' gradients, each objective being already a share of the global mean; a plain SUM, as
         # gloo has no pre-multiplied sum
         group.set_gradient_divide_factor(1.0)
-        group.set_force_sum_reduction_for_comms(True)
+        if hasattr(group, "set_force_sum_reduction_for_comms"):  # torch >= 2.9; older ones divide by 1 anyway
+            group.set_force_sum_reduction_for_comms(True)
     return model
 
 

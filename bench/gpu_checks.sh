@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check the CPU machines cannot run, in one call, for a session that is lent a GPU (about 10 minutes on
-# an H100/H200; the step limits add up to 590 s, under the device's 600 s a call). Run from the repository root:  bash bench/gpu_checks.sh   (logs go to $OUT, or bench/out/)
-# Liger-Kernel for bench.kernels: put its wheel beside this script (liger_kernel-*.whl); the GPU machine has no
-# package index. Each step has its own time limit, so one that hangs does not cost the others.
+# Every GPU check the CPU machines cannot run, in one call, for a session that is lent a GPU (an H100/H200; the
+# step limits add up to 590 s, under the device's 600 s a call). From the repository root:
+#     bash bench/gpu_checks.sh          # logs and summary.txt in $OUT (or bench/out/)
+# Liger-Kernel for bench.kernels: `pip download liger-kernel --no-deps -d bench/` on a machine with an index first
+# (the GPU machine has none; the wheel travels with the working tree). Each step has its own time limit, so one
+# that hangs does not cost the others.
 set -u
 out="${OUT:-bench/out}"
 mkdir -p "$out"

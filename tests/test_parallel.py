@@ -165,8 +165,9 @@ def test_export_of_a_sharded_run(one_process, two_ranks, tmp_path):
 
 
 def worker_pids(launcher_pid: int) -> list[int]:
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
-    return [int(p) for p in children]
+    """The processes torchrun started (children of any of its threads), oldest first."""
+    tasks = Path(f"/proc/{launcher_pid}/task").iterdir()
+    return sorted(int(p) for task in tasks for p in (task / "children").read_text().split())
 
 
 def test_a_dead_rank_ends_the_job_and_the_checkpoint_loads(seed_dir, tmp_path):

@@ -64,16 +64,20 @@ def chunk_loss_and_grad(logits: Tensor, labels: Tensor, *, ignore_index: int, la
     loss = torch.where(learnable, loss.squeeze(1), 0.0).masked_fill(out_of_range, float("nan"))  # (n,)
     correct = (x.argmax(dim=-1) == labels) & learnable  # (n,) argmax of the logits before any cap
     if write_grad:
-        g = torch.exp(z - lse)  # (n, V) softmax
-        if z_loss:
-            g.mul_(1 + 2 * z_loss * lse)
-        if label_smoothing:
-            g.sub_(label_smoothing / V)
-        g.scatter_add_(1, target, torch.full_like(lse, -(1 - label_smoothing)))
-        if softcap:
-            g.mul_(1 - (z / softcap).square())
+        # g = scale * (softmax (1 + 2 w lse) - eps / V) - scale (1 - eps) [j = y], times dz/dx, built in place in
+        # a buffer that is no longer needed: z under a softcap, else x (the logits themselves when fp32)
         scale = learnable.float() if grad_scale is None else learnable * grad_scale.float().reshape(-1)  # (n,)
-        logits.copy_(g.mul_(scale[:, None]))
+        scale = scale[:, None]  # (n, 1)
+        dz = 1 - (z / softcap).square() if softcap else None  # (n, V)
+        g = z
+        g.sub_(lse).exp_().mul_(scale * (1 + 2 * z_loss * lse) if z_loss else scale)  # (n, V)
+        if label_smoothing:
+            g.sub_(scale * (label_smoothing / V))
+        g.scatter_add_(1, target, -(1 - label_smoothing) * scale)
+        if softcap:
+            g.mul_(dz)
+        if g.data_ptr() != logits.data_ptr():
+            logits.copy_(g)
     return loss, correct
 
 

@@ -74,10 +74,11 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str]) -> dict:
         raise SystemExit(f"data.batch_size={d.batch_size} (the global batch) must be a multiple of the "
                          f"{dist.world_size} processes; set --data.batch_size to a multiple of {dist.world_size}")
     shard_dir = d.shard_dir or default_shard_dir(d.corpus, d.files, d.tokenizer, d.val_fraction, d.text_key)
-    for turn in ("main", "others"):
-        if dist.main == (turn == "main"):
-            meta = ensure_prepared(d.corpus, shard_dir, tokenizer=d.tokenizer, files=d.files,
-                                   val_fraction=d.val_fraction, text_key=d.text_key, workers=d.prepare_workers)
+    if not dist.main:
+        parallel.barrier(dist)  # wait for rank 0 to prepare them; then ensure_prepared only reads meta.json
+    meta = ensure_prepared(d.corpus, shard_dir, tokenizer=d.tokenizer, files=d.files, val_fraction=d.val_fraction,
+                           text_key=d.text_key, workers=d.prepare_workers)
+    if dist.main:
         parallel.barrier(dist)
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise SystemExit(f"tokenizer {meta['tokenizer']!r} has {meta['vocab_size']} ids but model.vocab_size is "
@@ -89,7 +90,7 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str]) -> dict:
     val_data = TokenLoader(shard_dir, "val", rows, d.seq_len, shuffle=False, **ranks)
     if train_data.n_long_docs:
         log(f"data: {train_data.n_long_docs} training documents are longer than seq_len={d.seq_len} "
-              f"and are split across windows")
+            f"and are split across windows")
 
     # ---- model: built on the meta device, wrapped (activation checkpointing; FSDP2 shards under torchrun), then
     # materialised and initialised or filled from a checkpoint, each rank holding only its shards

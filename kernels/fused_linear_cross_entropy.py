@@ -33,6 +33,8 @@ import math
 import torch
 from torch import Tensor
 
+from kernels import check_loss_rows
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -159,8 +161,6 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         loss_rows, correct, grads = _chunked_pass(hidden, w, b, labels, opts, grad_scale,
                                                   (False, False, False) if per_row else need, use_triton,
                                                   chunk_rows, weight.dtype)
-        from kernels import check_loss_rows
-
         check_loss_rows(loss_rows, labels, weight.shape[0], ignore_index, what="logits (hidden @ weight.T)")
         if reduction == "mean":
             loss = loss_rows.sum() / n_learn.clamp(min=1)

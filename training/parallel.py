@@ -23,6 +23,7 @@ the global number of learnable tokens, so the reduce-scatter sums (gradient divi
 """
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -65,8 +66,8 @@ def init_distributed(device: torch.device, fsdp_single: bool, timeout_s: float) 
     if world_size == 1 and not fsdp_single:
         return Dist(device=device)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:  # FSDP2 at world size 1 without torchrun
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"), RANK="0",
-                          LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or _free_port(),
+                          RANK="0", LOCAL_RANK="0")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -75,6 +76,13 @@ def init_distributed(device: torch.device, fsdp_single: bool, timeout_s: float) 
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     return Dist(rank, world_size, local_rank, device, init_device_mesh(device.type, (world_size,)))
+
+
+def _free_port() -> str:
+    """A TCP port nothing listens on now, for a one-process group started without torchrun."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def shutdown(d: Dist) -> None:

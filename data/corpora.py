@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.files import cache_dir  # $NANOFORGE_CACHE or <repo>/data/cache (one definition, shared with model/)
+
 
 @dataclass(frozen=True)
 class KnownCorpus:
@@ -44,11 +46,6 @@ KNOWN_CORPORA: dict[str, KnownCorpus] = {
               "*_gut_f.txt are First Folio spellings",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where fetched corpora (and, by default, token shards) live: $NANOFORGE_CACHE or <repo>/data/cache."""
-    return Path(os.environ.get("NANOFORGE_CACHE") or Path(__file__).resolve().parent / "cache")
 
 
 def _is_glob(s: str) -> bool:

@@ -12,6 +12,13 @@ windows drawn from np.random.default_rng([seed, e]); with shuffle=False (validat
 A step's global batch is the next batch_size * world_size windows of the stream and rank r takes the r-th
 slice of batch_size windows, so the global batch does not depend on how it is split over ranks. The whole
 state is `position`, the number of windows consumed globally; resuming from it continues exactly.
+
+What is read is checked, so a damaged shard dir stops with a message naming the file and saying to prepare the shards
+again, never an IndexError in the embedding later: meta.json (read_meta: valid JSON, this format version, a token
+dtype, the vocabulary size, the splits), each .bin's size (a whole number of tokens of the dtype, as many as meta.json
+says), and every token id of every batch (< meta.json's vocab_size). The id check is one vectorised max over the
+batch: it covers every id that reaches the model at a cost that does not grow with the corpus (a check of whole
+shards would read the entire corpus in the first steps of a shuffled stream).
 """
 
 import functools
@@ -21,7 +28,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-META_VERSION = 1
+META_VERSION = 1  # the token-shard format (meta.json + .bin/.idx) that data/prepare.py writes and this module reads
+TOKEN_DTYPES = ("uint16", "uint32")
+PREPARE_AGAIN = "prepare the shards again (python -m data.prepare CORPUS --out DIR; train.py re-prepares its own)"
+
+
+class ShardError(ValueError):
+    """A token-shard directory that cannot be read as it is: names the file, what is wrong, and what to do."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(path, problem)
+        self.path, self.problem = Path(path), problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {PREPARE_AGAIN}"
+
+
+def read_meta(shard_dir: str | Path) -> dict:
+    """meta.json of a token-shard directory, checked (see the module docstring); FileNotFoundError when there is
+    none, ShardError when it is damaged, of another format version, or inconsistent."""
+    path = Path(shard_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no token shards in {shard_dir} (no meta.json); make them with "
+                                f"`python -m data.prepare CORPUS --out {shard_dir}`")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardError(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(path, f"holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("version") != META_VERSION:
+        raise ShardError(path, f"format version {meta.get('version')!r}, this version reads {META_VERSION}")
+    vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise ShardError(path, f"vocab_size is {vocab!r}, not a positive integer")
+    if dtype not in TOKEN_DTYPES:
+        raise ShardError(path, f"dtype is {dtype!r}, not one of {TOKEN_DTYPES}")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise ShardError(path, f"dtype {dtype} cannot hold the ids of a vocabulary of {vocab} (vocab_size)")
+    splits = meta.get("splits")
+    ok = isinstance(splits, dict) and all(
+        isinstance(info, dict) and isinstance(info.get("shards"), list) and isinstance(info.get("n_tokens"), int)
+        and all(isinstance(s, dict) and isinstance(s.get("file"), str) and "/" not in s["file"]
+                and isinstance(s.get("n_tokens"), int) and s["n_tokens"] >= 0 for s in info["shards"])
+        for info in splits.values())
+    if not ok:
+        raise ShardError(path, "'splits' is not {split: {shards: [{file, n_tokens, n_docs}], n_tokens, ...}}")
+    return meta
 
 
 class TokenLoader:
@@ -33,14 +88,7 @@ class TokenLoader:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        meta_path = Path(shard_dir) / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"no token shards in {shard_dir} (no meta.json); make them with "
-                                    f"`python -m data.prepare CORPUS --out {shard_dir}`")
-        self.meta: dict = json.loads(meta_path.read_text())
-        if self.meta.get("version") != META_VERSION:
-            raise ValueError(f"{meta_path} has format version {self.meta.get('version')}, this loader reads "
-                             f"{META_VERSION}; prepare the shards again")
+        self.meta: dict = read_meta(shard_dir)
         if split not in self.meta["splits"]:
             raise ValueError(f"no split {split!r} in {shard_dir}; it has {sorted(self.meta['splits'])}")
         self.shard_dir, self.split = Path(shard_dir), split
@@ -50,14 +98,19 @@ class TokenLoader:
 
         info = self.meta["splits"][split]
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self._shards = []
+        self.vocab_size: int = self.meta["vocab_size"]
+        self._shards, self._paths = [], []
         for s in info["shards"]:
             path = self.shard_dir / s["file"]
-            if not path.is_file() or path.stat().st_size != s["n_tokens"] * dtype.itemsize:
-                raise ValueError(f"{path} is missing or not {s['n_tokens']} {dtype.name} tokens as meta.json says; "
-                                 f"prepare the shards again")
-            self._shards.append(np.memmap(path, dtype=dtype, mode="r"))
-        per_shard = [(len(m) - 1) // seq_len for m in self._shards]
+            size = path.stat().st_size if path.is_file() else None
+            if size is None or size % dtype.itemsize or size // dtype.itemsize != s["n_tokens"]:
+                what = ("is missing" if size is None else
+                        f"is {size:,} bytes, not a whole number of {dtype.name} tokens" if size % dtype.itemsize else
+                        f"holds {size // dtype.itemsize:,} {dtype.name} tokens")
+                raise ShardError(path, f"{what}, but meta.json says {s['n_tokens']:,} {dtype.name} tokens")
+            self._shards.append(np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype))
+            self._paths.append(path)
+        per_shard = [max(len(m) - 1, 0) // seq_len for m in self._shards]
         self._first = np.cumsum([0] + per_shard)  # index of each shard's first window; last = n_windows
         self.n_windows = int(self._first[-1])
         if self.n_windows == 0:
@@ -85,19 +138,26 @@ class TokenLoader:
             self._perms[epoch] = rng.permutation(np.arange(self.n_windows, dtype=index_dtype))
         return self._perms[epoch]
 
-    def _window(self, g: int) -> np.ndarray:
-        """Tokens of the g-th window of the stream: (seq_len + 1,) int64."""
+    def _locate(self, g: int) -> tuple[int, int]:
+        """(shard, first token) of the g-th window of the stream."""
         epoch, k = divmod(g, self.n_windows)
         w = int(self._order(epoch)[k]) if self.shuffle else k
         s = int(np.searchsorted(self._first, w, side="right")) - 1
-        start = (w - int(self._first[s])) * self.seq_len
-        return self._shards[s][start:start + self.seq_len + 1].astype(np.int64)
+        return s, (w - int(self._first[s])) * self.seq_len
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y) of the next global batch: int64 CPU tensors (batch_size, seq_len)."""
         first = self.position + self.rank * self.batch_size
-        w = torch.from_numpy(np.stack([self._window(first + i) for i in range(self.batch_size)]))  # (B, T+1)
+        where = [self._locate(first + i) for i in range(self.batch_size)]
+        w = np.stack([self._shards[s][t:t + self.seq_len + 1] for s, t in where]).astype(np.int64)  # (B, T+1)
+        if w.max() >= self.vocab_size:  # one vectorised pass: no id past the vocabulary reaches the embedding
+            row, col = np.unravel_index(int(np.argmax(w >= self.vocab_size)), w.shape)
+            s, t = where[row]
+            raise ShardError(self._paths[s], f"token {t + col:,} has id {w[row, col]}, past the vocabulary of "
+                                             f"{self.vocab_size} ids that meta.json gives (the shard is damaged or "
+                                             f"meta.json was edited)")
         self.position += self.batch_size * self.world_size
+        w = torch.from_numpy(w)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
 
     def state_dict(self) -> dict:

@@ -47,8 +47,24 @@ from data.tokenizers.piece_bpe import PieceBPETokenizer
 from data.tokenizers.spm import SentencePieceTokenizer
 
 
+def _load_json(path: Path) -> dict:
+    """A tokenizer JSON file (tokenizer.json, tokenizer_config.json, ...) as a dict; a damaged one raises ValueError
+    naming the file and the position, not a bare JSONDecodeError."""
+    again = "the file is damaged or cut short: download or copy the model's tokenizer files again"
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); {again}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {again}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object; {again}")
+    return value
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """_load_json of an optional file: {} when it is absent."""
+    return _load_json(path) if path.is_file() else {}
 
 
 def _content(value) -> str | None:
@@ -233,7 +249,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (directory / extra).is_file():
                 files[extra] = directory / extra
-        return tokenizer_from_json(json.loads(p.read_text(encoding="utf-8")), name, config, directory, files)
+        return tokenizer_from_json(_load_json(p), name, config, directory, files)
     raise ValueError(f"{p}: unknown tokenizer file type {p.suffix!r} (supported: tokenizer.json, .model, .tiktoken)")
 
 

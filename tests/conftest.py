@@ -56,7 +56,7 @@ def shared_assets() -> Path:
 # tests that need it skip, saying why.
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from model.gguf import smollm2_gguf_path
+    from data.assets import smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()

@@ -16,6 +16,7 @@ from data.corpora import KNOWN_CORPORA, fetch_corpus, resolve_corpus
 from data.loader import TokenLoader
 from data.prepare import ensure_prepared, list_files, prepare, token_dtype
 from data.tokenizer import GPT2_RANKS, get_tokenizer, load_tiktoken_ranks
+from model.files import OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / ".." / "shared" / "assets" / "corpus" / "shakespeare"
@@ -257,7 +258,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         prepare(str(tmp_path / "few"), out, val_fraction=0.0)
     (tmp_path / "notshards").mkdir()
     (tmp_path / "notshards" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a token-shard dir"):
+    with pytest.raises(OutputError, match="notshards.*not empty and holds files nanoforge did not write"):
         prepare(str(tmp_path / "few"), str(tmp_path / "notshards"), val_fraction=0.5)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

@@ -20,9 +20,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
-from model.gguf import (DEQUANTIZERS, FLOAT_TYPES, GGUF_KEY_MAP, PRE_TOKENIZERS, RegistryFile, dequantize,
-                        fetch_registry_file, gguf_config, gguf_to_hf, load_gguf_state_dict, open_gguf,
-                        smollm2_gguf_path, unpermute_qk)
+from data.assets import RegistryFile, fetch_registry_file, smollm2_gguf_path
+from model.gguf import (DEQUANTIZERS, FLOAT_TYPES, GGUF_KEY_MAP, PRE_TOKENIZERS, dequantize, gguf_config, gguf_to_hf,
+                        load_gguf_state_dict, open_gguf, unpermute_qk)
+from model.files import OutputError
 from model.weights import WeightMismatchError, key_mapper
 
 # A varied text on which the rebuilt tokenizer must give transformers' ids exactly.
@@ -429,8 +430,11 @@ def test_rope_scaling(tmp_path):
 def test_output_dir_must_be_empty(tiny_gguf, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="not empty and holds files nanoforge did not write"):
         gguf_to_hf(tiny_gguf, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    with pytest.raises(OutputError, match="not empty"):  # overwrite never replaces someone else's files
+        gguf_to_hf(tiny_gguf, tmp_path / "out", overwrite=True)
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
 

@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint. Prints one JSON line.
+"""Evaluate a checkpoint. Prints one JSON line; a non-finite loss or perplexity is null there, named under
+"nonfinite" with an "error", and the exit code is 1.
 
     python eval.py --ckpt out/shakespeare/ckpt/latest --task ppl                  # the run's validation shards
     python eval.py --ckpt out/shakespeare --task ppl --data some.txt              # a text file
@@ -12,6 +13,7 @@ HF directory or GGUF file, which has no run: --data is a text file, windows of m
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,10 +22,10 @@ import torch
 from data.loader import TokenLoader
 from data.prepare import default_shard_dir
 from data.tokenizer import load_tokenizer
-from generate import load_for_inference
 from training.checkpoint import load_model, resolve
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
+from training.generation import load_for_inference
 
 
 def text_batches(path: Path, tokenizer, seq_len: int, batch_size: int):
@@ -56,6 +58,10 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     args = ap.parse_args(argv)
+    for flag in ("batches", "batch_size", "seq_len"):
+        if getattr(args, flag) < 0:
+            ap.error(f"--{flag} must be >= 0 (0 = {'all' if flag == 'batches' else 'the training value'}), "
+                     f"got {getattr(args, flag)}")
 
     device = pick_device(args.device)
     try:
@@ -68,6 +74,8 @@ def main(argv: list[str]) -> dict:
                              f"--data pointing at a text file")
         model, tokenizer = load_for_inference(args.ckpt, device, "fp32")
         seq_len = args.seq_len or min(1024, model.config.max_seq_len)
+        if seq_len > model.config.max_seq_len:
+            raise SystemExit(f"--seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
         batches = text_batches(Path(args.data), tokenizer, seq_len, args.batch_size or 1)
         with autocast_context(args.dtype, device):
             r = evaluate(model, batches, args.batches, device, progress=True)
@@ -95,11 +103,22 @@ def main(argv: list[str]) -> dict:
 
 
 def report(task: str, source: str, data, r: dict) -> dict:
+    """Print the result as one line of strict JSON and return it. A non-finite loss or perplexity (NaN weights,
+    an overflow) is written as null, listed under "nonfinite" and explained under "error"; the exit code is then 1."""
+    if r["val_tokens"] == 0:
+        raise SystemExit(f"evaluation of {source} on {data} scored 0 tokens (every label masked, or no batch read); "
+                         f"nothing to report: check --data, --split, --batches and --batch_size")
     result = {"task": task, "ckpt": str(source), "data": str(data), "loss": r["val_loss"], "ppl": r["val_ppl"],
               "token_acc": r["val_token_acc"], "tokens": r["val_tokens"]}
-    print(json.dumps(result))
+    nonfinite = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+        result.update({k: None for k in nonfinite})
+        result["nonfinite"] = nonfinite
+        result["error"] = (f"non-finite {' and '.join(nonfinite)} over {r['val_tokens']} tokens: the weights hold "
+                           f"NaN/inf or the forward overflows (try --dtype fp32)")
+    print(json.dumps(result, allow_nan=False))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(1 if "error" in main(sys.argv[1:]) else 0)

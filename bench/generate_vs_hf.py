@@ -1,5 +1,5 @@
-"""Generation throughput of generate.generate (our KV cache) against transformers' generate on the same model,
-same machine, same run: greedy, a fixed number of new tokens per row, batch 1 and batch 32 by default.
+"""Generation throughput of training.generation.generate (our KV cache) against transformers' generate on the same
+model, same machine, same run: greedy, a fixed number of new tokens per row, batch 1 and batch 32 by default.
 
     python -m bench.generate_vs_hf                                   # SmolLM2-135M's shape, random weights
     python -m bench.generate_vs_hf --model SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --dtype bfloat16
@@ -19,9 +19,9 @@ import torch
 import transformers
 
 from bench.common import hf_twin, time_alternating
-from generate import generate
 from model import LLAMA_CONFIGS, build_model
 from model.hf import from_pretrained
+from training.generation import generate
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ d = sum_j exp(z_j - m) that is rescaled by exp(m_old - m_new) whenever the max g
 normaliser of Milakov & Gimelshein 2018), so lse = m + log d needs no second pass. The same sweep picks up z_y
 (by comparing column offsets with y: the label is never used as an address, so a label outside [0, V) cannot read
 out of bounds; such a row's loss is NaN instead, and check_loss_rows names it), sum_j z_j, and a running argmax.
+Logits holding inf or NaN give an inf or NaN loss (and gradient), never a finite wrong one: a sum of exp() over
+a row propagates them, and the caller sees a non-finite loss (train.py's on_nan decides what happens).
 When a gradient buffer is given, a second sweep recomputes softmax from lse and stores the gradient, times a
 grad_scale read from device memory (for "mean", 1 / n_learnable without a host sync). Each element is read before
 the same program writes it, so the buffer may alias the logits. The layout follows Liger-Kernel's
@@ -189,7 +191,8 @@ def cross_entropy_forward(logits: Tensor, labels: Tensor, *, ignore_index: int =
 
     grad, if given, is an (N, V) buffer (the logits themselves for in-place) that receives d loss_i / d logits_i
     times grad_scale (a 1-element fp32 tensor on the device; None means 1). Rows are not checked here: call
-    check_loss_rows on the loss rows (once, after all chunks) to turn bad labels or non-finite logits into errors.
+    check_loss_rows on the loss rows (once, after all chunks) to turn bad labels into errors; rows whose logits hold
+    inf or NaN keep their non-finite loss.
     """
     _check_inputs(logits, labels)
     if not 0.0 <= label_smoothing <= 1.0 or softcap < 0.0 or z_loss < 0.0:
@@ -301,8 +304,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, r
     the label. When the logits require grad, the gradient is computed here and kept until backward: in a fresh
     buffer, or with inplace_grad=True in the logits' own memory, which saves one (N, V) tensor but overwrites the
     logits: the caller must never read them afterwards (autograd refuses any other saved use of them at backward).
-    Raises ValueError for malformed inputs, labels outside [0, V) other than ignore_index, and learnable rows
-    whose logits hold inf or NaN (one host sync per call).
+    Raises ValueError for malformed inputs and labels outside [0, V) other than ignore_index (one host sync per
+    call); learnable rows whose logits hold inf or NaN give an inf or NaN loss, for the caller to handle.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

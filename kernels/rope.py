@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from model.rope import apply_rope
+from kernels.rope_ref import apply_rope_ref
 
 MAX_TILE = 2048  # most (heads x D/2) elements per half a program loads for q (and again for k)
 
@@ -188,5 +188,5 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
 
 
 def rope_ref(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Eager reference: model.rope.apply_rope on q and on k."""
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    """Eager reference: apply_rope_ref (the model's eager path, model.rope.apply_rope) on q and on k."""
+    return apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)

@@ -6,6 +6,9 @@ rope_scaling, tie_embeddings), self.tok_embeddings, self.layers (blocks whose `.
 self.output, then calls self.register_rope_buffer().
 """
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -98,12 +101,22 @@ class CausalLM(nn.Module):
         return 6.0 * n_matmul + 12.0 * c.n_heads * c.head_dim * keys
 
 
-def check_config(c, positive: tuple[str, ...]) -> None:
-    """The checks every family's config.validate() makes: ValueError naming the first inconsistent field."""
+def check_config(c, positive: tuple[str, ...], non_negative: tuple[str, ...] = ()) -> None:
+    """The checks every family's config.validate() makes: ValueError naming the first inconsistent field.
+
+    Every float field must be finite; the `positive` fields (and norm_eps and rope_theta, which every family has)
+    must be > 0, the `non_negative` ones (and init_std) >= 0."""
     name = type(c).__name__
-    for field in positive:
-        if getattr(c, field) <= 0:
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}.{f.name} must be a finite number, got {value}")
+    for field in (*positive, "norm_eps", "rope_theta"):
+        if not getattr(c, field) > 0:
             raise ValueError(f"{name}.{field} must be positive, got {getattr(c, field)}")
+    for field in (*non_negative, "init_std"):
+        if not getattr(c, field) >= 0:
+            raise ValueError(f"{name}.{field} must be >= 0, got {getattr(c, field)}")
     if c.head_dim <= 0 or c.head_dim % 2:
         raise ValueError(f"{name}: head_dim ({c.head_dim}) must be a positive even integer for RoPE "
                          f"(check dim, n_heads and head_dim)")

@@ -61,7 +61,8 @@ class Gemma2Config:
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                            "max_seq_len", "sliding_window"))
+                            "max_seq_len", "sliding_window", "query_pre_attn_scalar"),
+                     non_negative=("attn_softcap", "final_softcap"))
         check_layer_types(self, LAYER_TYPES)
 
 

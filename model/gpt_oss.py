@@ -77,7 +77,8 @@ class GptOssConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                            "n_experts", "top_k", "max_seq_len", "sliding_window"))
+                            "n_experts", "top_k", "max_seq_len", "sliding_window", "swiglu_alpha", "swiglu_limit"),
+                     non_negative=("aux_loss_coef", "z_loss_coef"))
         check_layer_types(self, LAYER_TYPES)
 
 

@@ -64,7 +64,9 @@ class GraniteMoeConfig:
         if self.n_heads > 0 and self.dim % self.n_heads:
             raise ValueError(f"GraniteMoeConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         check_config(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k",
-                            "max_seq_len", "logits_scaling"))
+                            "max_seq_len", "logits_scaling", "embedding_multiplier", "attention_multiplier",
+                            "residual_multiplier"),
+                     non_negative=("aux_loss_coef", "z_loss_coef"))
 
 
 # Named sizes, each the exact shape of the published model (its config.json).

@@ -8,6 +8,10 @@ for the backward pass: the backward recomputes softmax per chunk from the logits
 log-probs (twice the size of bf16 logits) and allocate two more (rows, vocab) tensors in its backward; at a 50k-128k
 vocabulary these dominate the memory and, on a CPU, the time of a small model's step. lm_loss_ref below is the plain
 F.cross_entropy version; the tests hold lm_loss to it.
+
+Every path here (lm_loss, the fused chunks, the Triton kernels) treats bad rows alike: a learnable label outside
+[0, V) is a ValueError naming it (kernels.check_loss_rows), while logits holding inf or NaN give an inf or NaN loss,
+so that a diverging run is handled by the caller (train.py's on_nan), not by an exception from inside the loss.
 """
 
 from typing import NamedTuple
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import KernelConfig
+from kernels import KernelConfig, check_loss_rows
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 
@@ -40,7 +44,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, reuse_logits: bool):
         learnable = labels != ignore_index  # (N,)
-        target = torch.where(learnable, labels, 0)  # (N,) an index that is valid on ignored rows too
+        out_of_range = learnable & ((labels < 0) | (labels >= logits.shape[1]))  # (N,) bad input: named below
+        target = torch.where(learnable & ~out_of_range, labels, 0)  # (N,) an index that is valid on every row
         row_loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         argmax = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # (N,)
         step = _rows_per_chunk(logits)
@@ -50,7 +55,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             log_probs = torch.log_softmax(chunk, dim=-1)  # (n, V)
             row_loss[rows] = -log_probs.gather(1, target[rows, None]).squeeze(1)
             argmax[rows] = chunk.max(dim=-1).indices  # the first maximal index, as argmax; max(dim) is faster
-        loss_sum = torch.where(learnable, row_loss, 0.0).sum()
+        row_loss = torch.where(learnable, row_loss, 0.0).masked_fill(out_of_range, float("nan"))
+        check_loss_rows(row_loss, labels, logits.shape[1], ignore_index)  # inf/NaN logits pass: a non-finite loss
+        loss_sum = row_loss.sum()
         n_correct = ((argmax == labels) & learnable).sum()
         ctx.save_for_backward(logits, target, learnable)
         ctx.reuse_logits = reuse_logits

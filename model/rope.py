@@ -19,6 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.rope_ref import apply_rope_ref
+
+# The eager rotation of x (B, T, n_heads, D) by cos/sin (B, T, D/2), in fp32, returned in x.dtype. It is defined
+# with the Triton kernel it is the reference of (kernels/rope_ref.py, beside kernels/rope.py), so both share one copy.
+apply_rope = apply_rope_ref
+
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 
 
@@ -43,12 +49,25 @@ class RopeScaling:
         return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
     def validate(self) -> None:
+        """Raise ValueError naming the first field outside its range (only the fields of this type are read)."""
         if self.type not in ROPE_SCALING_TYPES:
             raise ValueError(f"rope_scaling.type {self.type!r} unknown; expected one of {ROPE_SCALING_TYPES}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"rope_scaling.{name} must be a finite number, got {getattr(self, name)}")
+        positive = {"none": (), "linear": ("factor",), "yarn": ("factor", "original_max_seq_len", "beta_slow"),
+                    "llama3": ("factor", "original_max_seq_len", "low_freq_factor")}[self.type]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"rope_scaling.{name} must be positive, got {getattr(self, name)}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError("rope_scaling: high_freq_factor must exceed low_freq_factor")
-        if self.type in ("linear", "llama3", "yarn") and self.factor <= 0:
-            raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
+            raise ValueError(f"rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                             f"({self.low_freq_factor})")
+        if self.type == "yarn" and self.beta_fast < self.beta_slow:
+            raise ValueError(f"rope_scaling: beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})")
+        if self.type == "yarn" and self.attention_factor < 0:
+            raise ValueError(f"rope_scaling.attention_factor must be >= 0 (0 = 0.1 ln(factor) + 1), got "
+                             f"{self.attention_factor}")
 
 
 def rope_scaling_from_hf(hf_config: dict) -> tuple[float, RopeScaling]:
@@ -168,10 +187,3 @@ def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, scale: float = 1.0) -> 
         return angles.cos() * scale, angles.sin() * scale
     return angles.cos(), angles.sin()
 
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, n_heads, D) by angles given as cos/sin (B, T, D/2); computed in fp32, returned in x.dtype."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, n_heads, D/2) each
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, n_heads, D)
-    return out.to(x.dtype)

@@ -11,10 +11,10 @@ import torch
 import transformers  # test-only oracle
 from safetensors.torch import load_file, save_file
 
-from generate import filter_logits, generate
 from model import LLAMA_CONFIGS, build_model
 from model.hf import check_tokenizer_fits, config_from_pretrained, from_pretrained, save_pretrained
 from model.weights import WeightMismatchError
+from training.generation import filter_logits, generate
 
 VOCAB = 96
 LOGITS_ATOL = 1e-5
@@ -59,7 +59,8 @@ def test_export_round_trip_through_transformers(family, tied, tmp_path):
 
     save_pretrained(ours, tmp_path / "out", tokenizer=FakeTokenizer(VOCAB))
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    assert files == [".nanoforge.json", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer_config.json"]  # the marker says the directory is an export of ours
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert ("lm_head.weight" in saved) == (not tied)  # a tied head is stored once, as the embedding
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()

@@ -1,8 +1,9 @@
 """kernels/rope.py: the Triton RoPE kernel (q and k in one launch) against its eager reference rope_ref.
 
-The reference is model.rope.apply_rope in fp32 on the kernel's own inputs upcast to fp32 (so input rounding is not
-counted as error), with its gradients from autograd for a random upstream gradient. Kernel outputs and the
-gradients of q and k must match, elementwise, within:
+The reference is kernels.rope_ref.apply_rope_ref (which is also the model's eager path, model.rope.apply_rope) in
+fp32 on the kernel's own inputs upcast to fp32 (so input rounding is not counted as error), with its gradients from
+autograd for a random upstream gradient. Kernel outputs and the gradients of q and k must match, elementwise,
+within:
 
 | dtype | atol | rtol | why                                                                                      |
 |-------|------|------|------------------------------------------------------------------------------------------|
@@ -19,10 +20,15 @@ bit-identical results: each output element depends only on its own token's input
 Kernels run on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1 (conftest.py).
 """
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
 import kernels
+import model.rope
+from kernels.rope_ref import apply_rope_ref
 from model.rope import RopeScaling, rope_cos_sin, rope_inv_freq_for
 
 rope_kernels = pytest.importorskip("kernels.rope", reason="triton is not installed")
@@ -272,3 +278,14 @@ def test_bad_inputs_raise(kernel_device, case):
     if not kwargs:  # the autograd entry point checks the same way
         with pytest.raises(ValueError, match=BAD_INPUTS[case]):
             rope(*args)
+
+
+def test_kernels_do_not_import_model():
+    """kernels/ is below model/: the eager reference lives beside the kernel, and the model's eager RoPE is that one
+    function, not a copy."""
+    for path in sorted((Path(kernels.__file__).parent).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        modules += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        assert not [m for m in modules if m.split(".")[0] == "model"], f"{path.name} imports model/"
+    assert model.rope.apply_rope is apply_rope_ref

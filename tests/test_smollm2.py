@@ -13,6 +13,7 @@ import eval as eval_script
 import generate as generate_script
 from data.tokenizer import load_tokenizer
 from model.hf import from_pretrained
+from training.generation import generate
 
 # Sonnet 18 (public domain): a fixed passage for the perplexity comparison
 PASSAGE = """Shall I compare thee to a summer's day?
@@ -57,7 +58,7 @@ def test_greedy_chat_answer(smollm2):
     model, tok = smollm2
     enc = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
     assert tok.decode(enc.ids).endswith("<|im_start|>assistant\n")
-    new = generate_script.generate(model, [enc.ids], max_new_tokens=40, stop_ids=tok.stop_ids)
+    new = generate(model, [enc.ids], max_new_tokens=40, stop_ids=tok.stop_ids)
     answer = tok.decode(new[0])
     assert "5" in answer and new[0][-1] in tok.stop_ids, answer
 

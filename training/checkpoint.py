@@ -5,11 +5,23 @@ On disk, inside a run directory:
     ckpt/step_000200/model.safetensors   weights (our parameter names, fp32 as trained)
     ckpt/step_000200/state.pt            optimizer, step, data position, RNG (torch.load(weights_only=True))
     ckpt/step_000200/config.json         the resolved TrainConfig, so a checkpoint directory stands alone
+    ckpt/step_000200/lineage.json        {"lineage": id, "step": 200}: which chain of runs wrote it
     ckpt/latest -> step_000200           symlink to the newest complete checkpoint
 
 A checkpoint is written into `ckpt/.tmp-step_000200/`, flushed to disk, then renamed into place; only then
 does `latest` move (a rename of a new symlink over the old one). A process killed at any point leaves
-`latest` on a complete checkpoint; stale temp directories are removed by the next save.
+`latest` on a complete checkpoint; stale temp directories are removed by the next save (one job per run
+directory: training/job.py's lock). A checkpoint whose weights hold inf or NaN is never written.
+
+Nothing here deletes a checkpoint it did not write. A run starting from scratch gets a new lineage id, and a run
+resuming carries on its checkpoint's; pruning (keep_last) removes only older checkpoints of the run's own lineage,
+never the one `latest` names. Before a run starts, plan_start refuses what would lose or hide checkpoints: starting
+from scratch beside existing ones, or resuming from one that has newer ones after it (the run would write its
+steps over them). Either is allowed with ckpt.move_aside, which moves them (with `latest`, and the run's
+metrics.jsonl and config.json on a fresh start) into `ckpt/old-<time>/`. A `latest` that dangles or names a
+damaged checkpoint stops the run with the intact checkpoints listed and the flag that resumes from one
+(ckpt.resume_from), never a silent restart. Damaged files (truncated, overwritten) are a CheckpointError naming
+the file and the newest intact checkpoint, whoever reads them (train.py, eval.py, generate.py, merge.py).
 
 A sharded (FSDP2) run writes the same directory, with the optimizer moved out of state.pt:
 
@@ -27,31 +39,35 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
+import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
 from model import build_model
-from model.weights import CheckpointReader, check_tensors, load_safetensors, save_safetensors, tied_names
+from model.files import fix_permissions, fsync, fsync_tree, write_text_atomic
+from model.weights import (CheckpointReader, check_tensors, load_safetensors, save_safetensors, tied_names,
+                           write_safetensors)
 from training import parallel
-from training.config import TrainConfig, from_dict, to_dict
+from training.config import CkptConfig, TrainConfig, from_dict, to_dict
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE, DCP_DIR = "model.safetensors", "state.pt", "config.json", "dcp"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+LINEAGE_FILE = "lineage.json"
+RUN_FILES = ("metrics.jsonl", "config.json", "wandb_id.txt")  # the run directory's own, moved aside on a fresh start
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is: names the path, what is wrong, and what to do."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The model to be saved holds inf or NaN: such a checkpoint is never written."""
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -59,7 +75,23 @@ def step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[5:]))
+    return sorted(dirs, key=step_of)
+
+
+def step_of(ckpt: Path) -> int:
+    return int(Path(ckpt).name[5:])
+
+
+def new_lineage() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+
+
+def lineage_of(ckpt: Path) -> str | None:
+    """The lineage recorded in a checkpoint, or None (none recorded, or unreadable)."""
+    try:
+        return json.loads((Path(ckpt) / LINEAGE_FILE).read_text())["lineage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def rng_state() -> dict:
@@ -82,38 +114,29 @@ def save_safetensors_gathered(model: nn.Module, path: Path, write: bool) -> None
     model.weights.save_safetensors writes for the unsharded model: tied tensors once, under the canonical name."""
     aliases = tied_names(model)
     tensors = [(name, t) for name, t in model.state_dict().items() if name not in aliases]
-    header, offset = {}, 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
-                                                                                                  offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    f = open(path, "wb") if write else None
-    try:
-        if f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-        for _, t in tensors:
-            full = parallel.full_tensor(t.detach())
-            if f:
-                f.write(full.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    finally:
-        if f:
-            f.close()
+    gathered = ((name, parallel.full_tensor(t.detach())) for name, t in tensors)  # lazily: one full tensor at a time
+    if write:
+        write_safetensors(path, {name: (tuple(t.shape), t.dtype) for name, t in tensors}, gathered)
+    else:
+        for _ in gathered:  # join every gather; another rank writes
+            pass
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, config: TrainConfig, keep_last: int, d: parallel.Dist | None = None) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep_last`. With a sharded
-    model (d.sharded) every rank must call this: the shards go through torch.distributed.checkpoint."""
+                    state: dict, config: TrainConfig, keep_last: int, d: parallel.Dist | None = None, *,
+                    lineage: str) -> Path:
+    """Write checkpoint `step` of `lineage` atomically, point `latest` at it, prune that lineage's older checkpoints
+    to the newest `keep_last`. NonFiniteWeightsError, with nothing written, when a weight holds inf or NaN. With a
+    sharded model (d.sharded) every rank must call this: the shards go through torch.distributed.checkpoint."""
     d = d or parallel.Dist()
     name = f"step_{step:06d}"
+    if bad := non_finite(model, d):
+        raise NonFiniteWeightsError(f"not saving checkpoint {name}: {len(bad)} weight tensors hold inf or NaN "
+                                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
     tmp, final = root / f".tmp-{name}", root / name
     if d.main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
+        for stale in root.glob(".tmp-*"):  # left by a process killed mid-save (one job per run dir: the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     parallel.barrier(d)
@@ -128,32 +151,76 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         saved["optimizer"] = optimizer.state_dict()
     parallel.barrier(d)  # every shard is on disk
     if d.main:
-        _publish(root, tmp, final, saved, config, keep_last)
+        _publish(root, tmp, final, saved, config, keep_last, lineage)
     parallel.barrier(d)
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, saved: dict, config: TrainConfig, keep_last: int) -> None:
-    """The rest of an atomic save, by one process: state and config, flush, rename, move `latest`, prune."""
-    name = final.name
+def non_finite(model: nn.Module, d: parallel.Dist | None = None) -> list[str]:
+    """Names of the model's tensors that hold inf or NaN (a collective when sharded: every rank calls it)."""
+    d = d or parallel.Dist()
+    names, bad = [], []
+    for name, t in model.state_dict().items():
+        local = t.to_local() if isinstance(t, DTensor) else t
+        names.append(name)
+        bad.append(~torch.isfinite(local.detach()).all())
+    if not names:
+        return []
+    counts = parallel.all_reduce_sum(d, torch.stack(bad).to(torch.int64))  # (n_tensors,) ranks holding a bad shard
+    return [name for name, n in zip(names, counts.tolist()) if n]
+
+
+def _publish(root: Path, tmp: Path, final: Path, saved: dict, config: TrainConfig, keep_last: int,
+             lineage: str) -> None:
+    """The rest of an atomic save, by one process: state, config and lineage, flush, rename, move `latest`, prune
+    this lineage's older checkpoints."""
     torch.save(saved, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            _fsync(f)
-    if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
-        shutil.rmtree(final)
+    (tmp / LINEAGE_FILE).write_text(json.dumps({"lineage": lineage, "step": saved["step"]}) + "\n")
+    fix_permissions(tmp)
+    fsync_tree(tmp)
+    if final.exists():  # plan_start moves aside what a run would write over: this is someone else's, keep it
+        move_aside(root, [final])
     os.rename(tmp, final)
-    _fsync(root)
+    fsync(root)
+    _point_latest(root, final)
+    ours = [p for p in step_dirs(root) if lineage_of(p) == lineage]  # oldest first; steps grow along a lineage
+    for old in ours[:-max(1, keep_last)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _point_latest(root: Path, ckpt: Path) -> None:
+    """Move `latest` to `ckpt` atomically: a new symlink renamed over the old one."""
     link = root / ".latest.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(name)
+    link.symlink_to(ckpt.name)
     os.replace(link, root / "latest")
-    _fsync(root)
-    keep = max(1, keep_last)
-    for old in step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync(root)
+
+
+def move_aside(root: Path, ckpts: list[Path], run_files: bool = False) -> Path:
+    """Move checkpoints (and `latest`, when it names one of them or nothing) into a new root/old-<time>/, where a
+    `latest` still resolves; with run_files, the run directory's metrics.jsonl, config.json and wandb id too.
+    Nothing is deleted. Returns the directory they went to."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = root / f"old-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = root / f"old-{stamp}-{n}"
+    dest.mkdir(parents=True)
+    names = {p.name for p in ckpts}
+    for p in ckpts:
+        os.rename(p, dest / p.name)
+    latest = root / "latest"
+    if latest.is_symlink() and (os.readlink(latest) in names or not latest.exists()):
+        os.rename(latest, dest / "latest")
+    for name in RUN_FILES if run_files else ():
+        if (root.parent / name).exists():
+            os.rename(root.parent / name, dest / name)
+    fsync(root)
+    return dest
 
 
 def resolve(path: str | Path) -> Path:
@@ -164,13 +231,156 @@ def resolve(path: str | Path) -> Path:
             if not (candidate / STATE_FILE).is_file() or not (candidate / CONFIG_FILE).is_file():
                 raise FileNotFoundError(f"checkpoint {candidate} is incomplete: it needs {MODEL_FILE}, {STATE_FILE}, {CONFIG_FILE}")
             return candidate.resolve()
+        if candidate.name == "latest" and candidate.is_symlink() and not candidate.exists():
+            raise FileNotFoundError(f"{candidate} points to {os.readlink(candidate)}, which does not exist; "
+                                    f"{_newest_intact_hint(candidate.parent)}")
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist")
     raise FileNotFoundError(f"no checkpoint found at {p} (looked for {MODEL_FILE} in it, in latest/ and ckpt/latest/)")
 
 
+# ----------------------------------------------------------------------------- where a run starts
+
+
+def plan_start(out_dir: Path, cfg: CkptConfig, act: bool = True) -> tuple[Path | None, str]:
+    """(the checkpoint a run resumes from, or None to start from scratch; the lineage its checkpoints belong to),
+    refusing with a CheckpointError what would lose or hide a checkpoint (see the module docstring): ckpt.resume_from
+    if given, else ckpt/latest when ckpt.resume (which must then be intact), else nothing. act=False only reads (the
+    other ranks under torchrun, after rank 0 has moved aside what had to move)."""
+    root = Path(out_dir) / "ckpt"
+    existing, latest = step_dirs(root), root / "latest"
+    if cfg.resume_from:
+        try:
+            ckpt = resolve(cfg.resume_from)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"--ckpt.resume_from={cfg.resume_from}: {e}") from None
+        check_intact(ckpt)
+    elif cfg.resume and (latest.is_symlink() or existing):
+        ckpt = latest.resolve()
+        if not latest.is_symlink():
+            what = "is missing, but checkpoints are there"
+        elif not latest.exists():
+            what = f"points to {os.readlink(latest)}, which does not exist"
+        else:
+            what = (f"points to {ckpt.name}, whose " + broken) if (broken := problem(ckpt)) else None
+        if what:
+            good = intact(root)
+            listing = ", ".join(p.name for p in good) or "none"
+            todo = (f"to resume from the newest, add {resume_flags(root, good[0])}" if good else
+                    "start over with a new --out_dir, or with --ckpt.resume=false --ckpt.move_aside=true")
+            raise CheckpointError(f"cannot resume: {latest} {what}. Intact checkpoints in {root}: {listing}; "
+                                  f"{todo} (--ckpt.move_aside moves the others into {root}/old-<time>/, deleting "
+                                  f"nothing)")
+    else:
+        ckpt = None
+    ours = ckpt is not None and ckpt.parent == root.resolve()
+    in_the_way = [p for p in existing if step_of(p) > step_of(ckpt)] if ours else existing
+    if in_the_way and not cfg.move_aside:
+        names = ", ".join(p.name for p in in_the_way)
+        if ours:
+            why = f"resuming from {ckpt.name}, this run would write its steps after {step_of(ckpt)} over them"
+        else:
+            start = "from scratch" if ckpt is None else f"from {ckpt}, of another run directory,"
+            why = f"this run starts {start} and its checkpoints would mix with them"
+        also = "; or drop --ckpt.resume=false to continue the run they belong to" if not (cfg.resume or ours) else ""
+        raise CheckpointError(f"{root} holds checkpoints ({names}): {why}. Give this run a new --out_dir, or pass "
+                              f"--ckpt.move_aside=true to move them into {root}/old-<time>/ (nothing is "
+                              f"deleted){also}")
+    if in_the_way and act:
+        dest = move_aside(root, in_the_way, run_files=not ours)
+        if ours:
+            _point_latest(root, ckpt)
+            _keep_metrics_until(Path(out_dir) / RUN_FILES[0], dest, step_of(ckpt))
+        print(f"moved {', '.join(p.name for p in in_the_way)} aside into {dest}")
+    return ckpt, (lineage_of(ckpt) if ours else None) or new_lineage()
+
+
+def _keep_metrics_until(metrics: Path, dest: Path, step: int) -> None:
+    """A run resuming from an older checkpoint: its metrics.jsonl keeps the records up to `step` (the whole file
+    goes to `dest` with the checkpoints moved aside)."""
+    if not metrics.is_file():
+        return
+    shutil.copy2(metrics, dest / metrics.name)
+    kept = [line for line in metrics.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(metrics, "".join(kept))
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+ALL_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE, DCP_DIR)
+
+
+def problem(ckpt: Path, files: tuple[str, ...] = ALL_FILES) -> str | None:
+    """What makes `ckpt` unusable (a missing or unreadable file, named), or None when it is intact; `files` limits the
+    checks to what a reader needs (weights alone: CONFIG_FILE and MODEL_FILE). Cheap: it reads config.json, the
+    safetensors header and state.pt's zip index, not the tensors."""
+    for name in (CONFIG_FILE, MODEL_FILE, STATE_FILE):
+        if name in files and not (ckpt / name).is_file():
+            return f"{name} is missing"
+    if CONFIG_FILE in files:
+        try:
+            from_dict(TrainConfig, json.loads((ckpt / CONFIG_FILE).read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON or UTF-8, or not a TrainConfig
+            return f"{CONFIG_FILE} is not a valid training config ({_brief(e)})"
+    if MODEL_FILE in files:
+        try:
+            with safe_open(str(ckpt / MODEL_FILE), framework="pt", device="cpu"):
+                pass
+        except Exception as e:  # safetensors' SafetensorError: truncated, or not a safetensors file at all
+            return f"{MODEL_FILE} is not a readable safetensors file ({e})"
+    if STATE_FILE in files:
+        try:
+            zipfile.ZipFile(ckpt / STATE_FILE).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{STATE_FILE} is not a torch.save archive ({e})"
+    if DCP_DIR in files and (ckpt / DCP_DIR).is_dir() and not (ckpt / DCP_DIR / ".metadata").is_file():
+        return f"{DCP_DIR}/.metadata is missing"
+    return None
+
+
+def intact(root: Path) -> list[Path]:
+    """The intact checkpoints under `root`, newest first."""
+    return [p for p in reversed(step_dirs(root)) if problem(p) is None]
+
+
+def resume_flags(root: Path, ckpt: Path) -> str:
+    """The train.py flags that resume from `ckpt` of `root` (moving any newer checkpoints aside)."""
+    newer = [p.name for p in step_dirs(root) if step_of(p) > step_of(ckpt)]
+    return f"--ckpt.resume_from={ckpt}" + (" --ckpt.move_aside=true" if newer else "")
+
+
+def _newest_intact_hint(root: Path, but: Path | None = None) -> str:
+    good = [p for p in intact(root) if but is None or p.resolve() != but.resolve()]
+    if not good:
+        return f"no intact checkpoint is left in {root}"
+    return (f"the newest intact checkpoint is {good[0]}: use it instead (eval.py, generate.py, merge.py: --ckpt "
+            f"{good[0]}; train.py resumes from it with {resume_flags(root, good[0])})")
+
+
+def _brief(e: BaseException) -> str:
+    """An exception as one short line (torch.load's unpickler errors run to a page of advice that does not apply)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def damaged(ckpt: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {ckpt} is damaged: {what}; {_newest_intact_hint(ckpt.parent, but=ckpt)}")
+
+
+def check_intact(ckpt: Path, files: tuple[str, ...] = ALL_FILES) -> None:
+    """CheckpointError naming the file and what is wrong, and the newest intact checkpoint, unless `ckpt` is intact
+    (as far as `files` go: see problem)."""
+    if (what := problem(ckpt, files)) is not None:
+        raise damaged(ckpt, what)
+
+
 def load_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the unpickler or the zip reader meets in a damaged file
+        raise damaged(ckpt, f"{STATE_FILE} cannot be read ({_brief(e)})") from None
 
 
 def check_weights_fit(model: nn.Module, path: Path) -> None:
@@ -190,11 +400,15 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
     size (see the module docstring); returns state.pt's dict (step, data position, RNG). Raises
     model.weights.WeightMismatchError when the weights do not fit the model."""
     d = d or parallel.Dist()
+    check_intact(ckpt)
     state = load_state(ckpt)
     if (ckpt / DCP_DIR).is_dir():
         check_weights_fit(model, ckpt / MODEL_FILE)  # a clear error before DCP's own
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(ckpt / DCP_DIR))
+        try:
+            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(ckpt / DCP_DIR))
+        except Exception as e:  # DCP's CheckpointException gathers every rank's: each rank raises the same
+            raise damaged(ckpt, f"{DCP_DIR}/ cannot be read ({_brief(e)})") from None
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     else:
         load_safetensors(model, [str(ckpt / MODEL_FILE)], copy=parallel.copy_into_shard)
@@ -220,6 +434,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     overrides: model config fields that change no tensor shape (rope_theta, max_seq_len, attn_backend, ...);
     None values are ignored."""
     ckpt = resolve(path)
+    check_intact(ckpt, files=(CONFIG_FILE, MODEL_FILE))  # what this reads; a damaged state.pt does not matter here
     config = load_config(ckpt)
     config.model = dataclasses.replace(config.model, **{k: v for k, v in overrides.items() if v is not None})
     config.model.validate()

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 import types
@@ -35,6 +36,7 @@ class DataConfig:
     val_fraction: float = 0.05  # fraction of documents held out for validation
     text_key: str = "text"  # JSON field holding a document's text in .jsonl corpora
     prepare_workers: int = 2  # processes used to tokenise the corpus
+    skip_bad_files: bool = False  # corpus files that cannot be read (truncated .zst, bad JSON) are skipped and listed in meta.json instead of stopping the preparation
     seq_len: int = 256  # tokens per training sequence (context length)
     batch_size: int = 8  # sequences per micro-batch, for the whole job: each of N torchrun processes reads batch_size / N
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -76,8 +78,10 @@ class LogConfig:
 @dataclass
 class CkptConfig:
     interval: int = 500  # save a checkpoint every N steps (and at the end); 0 = only at the end
-    keep_last: int = 2  # keep the newest K checkpoints
-    resume: bool = True  # resume from out_dir/ckpt/latest when it exists
+    keep_last: int = 2  # keep this run's newest K checkpoints (other runs' checkpoints in ckpt/ are never pruned)
+    resume: bool = True  # resume from out_dir/ckpt/latest when it exists; false = start from scratch (refused beside existing checkpoints unless move_aside)
+    resume_from: str = ""  # resume from this checkpoint (a step_N dir, a ckpt/ dir or a run dir) instead of latest; it may be another run's
+    move_aside: bool = False  # allow a fresh start (or a resume from an older checkpoint) beside existing checkpoints by moving them into ckpt/old-<time>/; never deletes
 
 
 @dataclass
@@ -115,16 +119,14 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
+        """ConfigError naming the first key with a value of the wrong type, a NaN or infinite float, or a number
+        outside its range in RANGES; then the checks across keys and the model config's own validate()."""
         for key, value in flatten(self).items():
             check_value(self, key, value)
-        if self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        for key in ("data.seq_len", "data.batch_size", "data.grad_accum", "log.interval", "parallel.ac_every",
-                    "parallel.timeout_s"):
-            if get_key(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {get_key(self, key)}")
-        if not 0.0 < self.data.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value} must be a finite number")
+        for key, interval in RANGES.items():
+            check_range(key, get_key(self, key), interval)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower --data.seq_len or raise --model.max_seq_len")
@@ -133,6 +135,50 @@ class TrainConfig:
                 self.model.validate()
             except ValueError as e:
                 raise ConfigError(f"model config: {e}") from None
+
+
+# The valid range of every numeric key outside `model` (whose family config checks its own), as an interval:
+# [ and ] include the end, ( and ) leave it out. Where 0 is in range it is the off / default value the key's
+# comment gives.
+RANGES: dict[str, str] = {
+    "seed": "[0, inf)",  # numpy's generators take no negative seed
+    "max_steps": "[1, inf)",
+    "max_skipped_steps": "[0, inf)",
+    "sample_every": "[0, inf)",
+    "init_rope_theta": "[0, inf)",
+    "init_max_seq_len": "[0, inf)",
+    "data.val_fraction": "(0, 1)",
+    "data.prepare_workers": "[1, inf)",
+    "data.seq_len": "[1, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.grad_accum": "[1, inf)",
+    "optim.lr": "[0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.beta1": "[0, 1)",
+    "optim.beta2": "[0, 1)",
+    "optim.eps": "(0, inf)",  # 0 divides by zero where a gradient's second moment is 0
+    "optim.grad_clip": "[0, inf)",
+    "schedule.warmup_steps": "[0, inf)",
+    "schedule.min_lr_ratio": "[0, 1]",
+    "schedule.decay_fraction": "[0, 1]",
+    "schedule.div_factor": "[1, inf)",  # onecycle starts at lr / div_factor and rises to lr
+    "eval.interval": "[0, inf)",
+    "eval.batches": "[0, inf)",  # 0 = the whole validation split
+    "log.interval": "[1, inf)",
+    "ckpt.interval": "[0, inf)",
+    "ckpt.keep_last": "[1, inf)",
+    "parallel.ac_every": "[1, inf)",
+    "parallel.timeout_s": "[1, inf)",
+}
+
+
+def check_range(key: str, value: float, interval: str) -> None:
+    """ConfigError unless `value` lies in `interval`, written like "[0, 1)" (see RANGES)."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    if not (above and below):
+        raise ConfigError(f"{key} must be in {interval}, got {value!r}")
 
 
 class ConfigError(ValueError):
@@ -230,9 +276,9 @@ def set_key(cfg: Any, key: str, text: str) -> None:
     setattr(owner, name, parse_value(key, text, typ))
 
 
-def apply_overrides(cfg: Any, argv: list[str]) -> None:
-    """Apply `--a.b=value` / `--a.b value` arguments in order."""
-    i = 0
+def override_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """(key, text) of each `--a.b=value` / `--a.b value` argument, in order."""
+    pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -245,7 +291,44 @@ def apply_overrides(cfg: Any, argv: list[str]) -> None:
                 raise ConfigError(f"{arg} needs a value, e.g. {arg}=VALUE")
             key, text = arg[2:], argv[i + 1]
             i += 2
-        set_key(cfg, key.replace("-", "_"), text)
+        pairs.append((key.replace("-", "_"), text))
+    return pairs
+
+
+def apply_overrides(cfg: Any, argv: list[str]) -> None:
+    """Apply `--a.b=value` / `--a.b value` arguments in order."""
+    for key, text in override_pairs(argv):
+        set_key(cfg, key, text)
+
+
+def reapply_model_overrides(cfg: "TrainConfig", argv: list[str]) -> None:
+    """With init_from, cfg.model has been replaced by the pretrained model's own config after the command line was
+    applied: apply the `--model.*` overrides of `argv` (train.py's, config file first) to it again, so that none is
+    dropped silently. One that would change a tensor's name or shape (dim, n_layers, vocab_size, ffn_dim, ...) is a
+    ConfigError naming it: the pretrained weights fix those."""
+    from model import build_model  # the tensor shapes, from a model built on the meta device
+
+    def shapes(model_cfg: ModelConfig) -> dict[str, tuple]:
+        return {name: tuple(t.shape) for name, t in build_model(model_cfg).state_dict().items()}
+
+    pretrained = shapes(cfg.model)
+    refused = []
+    for key, text in override_pairs(argv[1:]):
+        if not key.startswith("model."):
+            continue
+        before = copy.deepcopy(cfg.model)
+        try:
+            set_key(cfg, key, text)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (with init_from={cfg.init_from!r}, --model.* keys apply to the pretrained "
+                              f"model's {type(cfg.model).__name__})") from None
+        if shapes(cfg.model) != pretrained:
+            refused.append(f"--{key}={text}")
+            cfg.model = before
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} would change the shape of the weights of init_from="
+                          f"{cfg.init_from!r}, which fix it: drop {'it' if len(refused) == 1 else 'them'} (keys that "
+                          f"change no tensor shape, such as model.kernels.* or model.attn_backend, apply)")
 
 
 # ----------------------------------------------------------------------------- loading and help
@@ -298,6 +381,16 @@ def help_text(cfg: TrainConfig, path: str) -> str:
     return "\n".join(lines)
 
 
+def reference_table(cfg: "TrainConfig | None" = None) -> str:
+    """The README's config reference: one markdown row per key of `cfg` (default TrainConfig()), from the same
+    fields and comments as --help, so the two cannot drift (tests/test_config.py compares them).
+
+        python -m training.config > /tmp/ref.md     # regenerate it"""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{v!r}` | {d.replace('|', '/')} |" for k, v, d in describe(cfg or TrainConfig())]
+    return "\n".join(rows)
+
+
 MODEL_CONFIG_KEY = "config_class"  # in a saved model config: which family's config class it is
 
 
@@ -338,3 +431,7 @@ def parse_cli(argv: list[str]) -> TrainConfig:
         return load_config(path, rest)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    print(reference_table())

@@ -39,5 +39,13 @@ def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, dev
         totals = reduce(totals)
     loss_sum, n_tokens, n_correct = totals[0], int(totals[1]), int(totals[2])
     loss = (loss_sum / max(n_tokens, 1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_token_acc": n_correct / max(n_tokens, 1),
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_token_acc": n_correct / max(n_tokens, 1),
             "val_tokens": n_tokens}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss): inf beyond what a float holds (loss > ~709.8), NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

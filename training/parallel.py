@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.checkpoint import checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from model.weights import DTYPES  # noqa: F401  (parallel.DTYPES[reduce_dtype] in train.py)
 
 
 @dataclass
@@ -85,9 +85,22 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def shutdown(d: Dist) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(d: Dist, clean: bool = True) -> None:
+    """End the process group. clean=True (the run finished on every rank): first make sure no rank tears down its
+    connections while another still uses them. A gloo rank whose peer closes a connection under a collective that
+    it has not finished (the last message of a barrier is still unread when the faster rank exits) gets an
+    exception in gloo's I/O thread, which nothing catches: the process aborts (SIGABRT) after a run that succeeded.
+    So every rank finishes all its collectives (a barrier), then announces it through the rendezvous store, and
+    none destroys the group before every rank has announced. clean=False (an error on this rank): tear down at once;
+    the peers fail on their own, as torchrun stops them."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+        store, rank, world = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+        store.set(f"nanoforge/finished/{rank}", "1")
+        store.wait([f"nanoforge/finished/{r}" for r in range(world)])
+    dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

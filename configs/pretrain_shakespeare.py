@@ -1,11 +1,11 @@
-"""A small Llama trained from scratch on the Shakespeare corpus (39 plays and poems, ~1.4M GPT-2 tokens): the
+"""A small Llama trained from scratch on the Shakespeare corpus (42 plays and poems, 1.57M GPT-2 tokens; 4 held out): the
 `make demo` run, sized to train in about 2.5 minutes on 2 CPU cores.
 
     python train.py configs/pretrain_shakespeare.py                       # 160 steps of 8 x 256 tokens
     python generate.py --ckpt out/shakespeare --prompt "ROMEO:"
     python eval.py --ckpt out/shakespeare/ckpt/latest --task ppl
     python train.py configs/pretrain_shakespeare.py --out_dir=out/shk-big --max_steps=600 --model.dim=256 \\
-        --model.ffn_dim=704      # a longer, wider run: better samples, ~10x the time
+        --model.ffn_dim=704      # a longer, wider run: better samples, many times the time
 
 7.2M parameters, of which 6.4M are the tied GPT-2 embedding / output head: on a CPU the head's matrix products
 are most of the time, so the model is narrow (dim 128) rather than shallow. Only the modern-spelling editions

@@ -189,8 +189,10 @@ def test_killed_while_writing_checkpoint_keeps_latest_complete(tmp_path):
 
 def test_resume_with_mismatched_model_lists_tensors(tmp_path):
     run(tmp_path, "--max_steps=2")
-    with pytest.raises(SystemExit, match=r"(?s)cannot resume.*mis-shaped.*(tok_emb|embed)"):
+    with pytest.raises(SystemExit, match=r"(?s)cannot resume.*mis-shaped.*(tok_emb|embed).*new --out_dir.*"
+                                         r"--ckpt.resume=false --ckpt.move_aside=true, which moves") as e:
         run(tmp_path, "--max_steps=4", "--model.dim=32", "--model.ffn_dim=96")
+    assert "--ckpt.resume=false to start over" not in str(e.value)  # advice that lost the checkpoints
 
 
 def test_vocab_smaller_than_tokenizer_is_an_error(tmp_path):

@@ -155,6 +155,8 @@ def remove_stale_temps(out: Path) -> None:
     for old in out.parent.glob(f".{out.name}.old-*"):
         if _writer_may_be_alive(old, "old"):
             continue  # another process is swapping it out now
+        if read_marker(old) is None:
+            continue  # not an output of ours (only our outputs are ever swapped out): never touch it
         if not out.exists():
             os.rename(old, out)
         else:

@@ -194,6 +194,24 @@ def test_stale_temps_of_dead_writers_go_and_others_stay(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, live.name, "entry"])
 
 
+def test_only_our_swapped_out_outputs_are_removed_or_restored(tmp_path):
+    """A .<name>.old-* sibling is removed (or put back) only when it carries our marker: a user's directory that
+    happens to have such a name is never touched."""
+    with output_dir(tmp_path / "entry", "hf-model") as tmp:  # the newer output, already in place
+        (tmp / "x").write_text("1")
+    host = socket.gethostname()
+    ours = tmp_path / f".entry.old-{host}-999999999"  # swapped out by a writer killed before it removed it
+    ours.mkdir()
+    (ours / MARKER).write_text('{"kind": "hf-model"}')
+    users = tmp_path / f".entry.old-{host}-999999998"  # not ours
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with output_dir(tmp_path / "entry", "hf-model", overwrite=True) as tmp:
+        (tmp / "x").write_text("2")
+    assert not ours.exists() and (users / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "entry" / "x").read_text() == "2"
+
+
 # ------------------------------------------------------------------------ 12. ordinary, umask-respecting permissions
 
 @pytest.fixture

@@ -1,8 +1,13 @@
 """Train a language model: config -> data -> model -> steps -> checkpoints.
 
     python train.py configs/pretrain_shakespeare.py --max_steps=200 --optim.lr=1e-3
+    python train.py configs/sft_smollm2_gsm.py --data.corpus=my_chats.jsonl     # supervised fine-tuning (data.kind=sft)
     python train.py configs/debug.py --help          # every config key with its value
     torchrun --nproc_per_node=8 train.py configs/pretrain_slimpajama.py     # FSDP2 over 8 GPUs (training/parallel.py)
+
+Pretraining reads windows of a token stream; SFT reads conversations with assistant-only labels packed into
+micro-batches of data.max_tokens tokens. Both loaders yield model.batch.Batch, the one type the model takes; a
+step's loss is the mean over every learnable token of the step on every rank.
 
 Re-running the same command resumes from out_dir/ckpt/latest, on any number of processes. Read top to bottom:
 setup, then the loop. Under torchrun every rank runs this same code on its slice of each global batch; rank 0
@@ -14,41 +19,26 @@ exactly (training/job.py). A run never starts over silently or beside another ru
 ckpt.move_aside: training/checkpoint.py), and never saves weights that hold inf or NaN.
 """
 
-import json
 import math
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data.assets import resolve_model_source
 from data.loader import TokenLoader
 from data.prepare import default_shard_dir, ensure_prepared, wait_for_prepared
 from data.tokenizer import load_tokenizer
-from model import build_model
-from model.hf import config_from_pretrained, load_pretrained_weights, resolve_model_dir
-from model.files import write_text_atomic
+from model.files import output_dir
 from model.moe import expert_load
-from model.weights import WeightMismatchError
-from training import checkpoint, job, parallel
-from training.config import ConfigError, TrainConfig, parse_cli, reapply_model_overrides, to_dict
+from training import checkpoint, job, parallel, setup
+from training.config import TrainConfig, parse_cli
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
 from training.generation import sample
-from training.logger import Logger, peak_flops
-from training.optim import build_optimizer
+from training.logger import peak_flops
 from training.schedule import lr_at
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str]) -> dict:
@@ -64,35 +54,9 @@ def main(argv: list[str]) -> dict:
     return result
 
 
-def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.GracefulStop) -> dict:
-    device = dist.device
-    log = print if dist.main else (lambda *args, **kwargs: None)  # one console for the whole job
-    autocast = autocast_context(cfg.dtype, device)
-    out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        cfg.init_from = resolve_model_source(cfg.init_from)  # a known name ("smollm2") becomes its local file
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"config error: init_from: {e}") from None
-    if cfg.init_from:  # the pretrained model's own shape (and, with tokenizer "auto", its own tokenizer)
-        cfg.model = config_from_pretrained(cfg.init_from, rope_theta=cfg.init_rope_theta or None,
-                                           max_seq_len=cfg.init_max_seq_len or None,
-                                           attn_backend=cfg.model.attn_backend)
-        try:
-            reapply_model_overrides(cfg, argv)  # the command line's --model.* keys: applied to that shape, or refused
-            cfg.validate()
-        except ConfigError as e:
-            raise SystemExit(f"config error: {e}") from None
-    if cfg.data.tokenizer == "auto":
-        cfg.data.tokenizer = str(resolve_model_dir(cfg.init_from)) if cfg.init_from else "gpt2"
-    # where the run starts (ckpt/latest, ckpt.resume_from, or scratch), decided by rank 0 before anything is loaded
-    try:
-        resume_from, lineage = job.rank0_first(dist, lambda main: checkpoint.plan_start(out_dir, cfg.ckpt, act=main))
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(str(e)) from None
-
-    # ---- data: token shards (prepared on first use, by rank 0), a shuffled train stream and a sequential val
-    # stream; each rank reads its batch_size / world_size rows of every global batch
+def pretraining_data(cfg: TrainConfig, dist: parallel.Dist, log):
+    """Token shards (prepared on first use, by rank 0), a shuffled train stream and a sequential val stream of
+    (batch_size, seq_len) windows; each rank reads its batch_size / world_size rows of every global batch."""
     d = cfg.data
     if d.batch_size % dist.world_size:
         raise SystemExit(f"data.batch_size={d.batch_size} (the global batch) must be a multiple of the "
@@ -105,70 +69,96 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
     else:
         meta = wait_for_prepared(d.corpus, shard_dir, **shard_args)
     parallel.barrier(dist)
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise SystemExit(f"tokenizer {meta['tokenizer']!r} has {meta['vocab_size']} ids but model.vocab_size is "
-                         f"{cfg.model.vocab_size}; set --model.vocab_size to at least {meta['vocab_size']} "
-                         f"(a multiple of 64, e.g. {-(-meta['vocab_size'] // 64) * 64}, is fastest)")
-    tokenizer = load_tokenizer(d.tokenizer)
     rows, ranks = d.batch_size // dist.world_size, dict(rank=dist.rank, world_size=dist.world_size)
     train_data = TokenLoader(shard_dir, "train", rows, d.seq_len, seed=cfg.seed, **ranks)
     val_data = TokenLoader(shard_dir, "val", rows, d.seq_len, shuffle=False, **ranks)
     if train_data.n_long_docs:
         log(f"data: {train_data.n_long_docs} training documents are longer than seq_len={d.seq_len} "
             f"and are split across windows")
+    return train_data, val_data, meta["vocab_size"], [], d.seq_len
 
-    # ---- model: built on the meta device, wrapped (activation checkpointing; FSDP2 shards under torchrun), then
-    # materialised and initialised or filled from a checkpoint, each rank holding only its shards
-    model = build_model(cfg.model)
-    p = cfg.parallel
-    parallel.apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
-    if dist.sharded:
-        bf16 = p.param_dtype == "bf16" or (p.param_dtype == "auto" and isinstance(autocast, torch.autocast))
-        parallel.parallelize(model, dist, torch.bfloat16 if bf16 else torch.float32, parallel.DTYPES[p.reduce_dtype],
-                             p.reshard_after_forward)
-    model.to_empty(device=device)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    step, last_saved = 0, resume_from  # the newest good checkpoint of this run, named when it stops
-    if resume_from is not None:
-        try:
-            state = checkpoint.load_training_state(resume_from, model, optimizer, dist)
-        except WeightMismatchError as e:
-            raise SystemExit(f"cannot resume from {resume_from}: its weights do not fit this config's model.\n{e}\n"
-                             f"resume with the config it was trained with, or train this one in a new --out_dir "
-                             f"(or here with --ckpt.resume=false --ckpt.move_aside=true, which moves the old "
-                             f"checkpoints aside)") from None
-        except checkpoint.CheckpointError as e:
-            raise SystemExit(str(e)) from None
-        train_data.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        log(f"resumed from {resume_from} at step {step}")
-    elif cfg.init_from:
-        load_pretrained_weights(model, cfg.init_from, copy=parallel.copy_into_shard)
-        log(f"model: weights from {cfg.init_from}")
-    else:
-        # sharded on CPU, DTensor draws each shard from the local generator: a seed per rank keeps shards distinct
-        torch.manual_seed(cfg.seed + (dist.rank if dist.sharded and device.type == "cpu" else 0))
-        model.init_weights()
-    n_params = model.num_params()
-    log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
-        f"device {device}, autocast {cfg.dtype}" + (f", FSDP2 over {dist.world_size} processes" if dist.sharded else ""))
-    run_info = {**to_dict(cfg), "git_commit": git_commit(), "command": " ".join([sys.executable, "train.py", *argv]),
-                "world_size": dist.world_size}
-    if dist.main:
-        write_text_atomic(out_dir / "config.json", json.dumps(run_info, indent=2))
-    logger = Logger(cfg.out_dir, run_info, cfg.log.wandb_project, cfg.log.wandb_run) if dist.main else None
+
+def sft_data(cfg: TrainConfig, dist: parallel.Dist, log):
+    """Conversations tokenised once into SFT shards (data/sft.py: assistant-only labels, the chat template, special
+    tokens added when the template needs them), packed into micro-batches of data.max_tokens tokens (data/packing.py:
+    best-fit decreasing, one global plan split over ranks). data.tokenizer becomes the prepared tokenizer."""
+    from data.packing import PackedLoader
+    from data.sft import SFTShards, sft_shard_dir, prepare_sft, wait_for_sft
+
+    d = cfg.data
+    args = dict(tokenizer=d.tokenizer, template=d.chat_template, format=d.format, val_files=d.val_files,
+                val_fraction=d.val_fraction, seed=cfg.seed, system_prompt=d.system_prompt or None,
+                train_on=d.train_on, special_tokens_in_content=d.special_tokens_in_content,
+                add_missing_tokens=d.add_missing_tokens, skip_bad_rows=d.skip_bad_rows)
+    shard_dir = d.shard_dir or str(sft_shard_dir(d.corpus, **args))
+    try:
+        meta = prepare_sft(d.corpus, shard_dir, **args) if dist.main else wait_for_sft(d.corpus, shard_dir, **args)
+    except ValueError as e:  # SFTDataError and friends: the message names the file, the row and the fix
+        raise SystemExit(f"data error: {e}") from None
+    prepared, run_tokenizer = Path(shard_dir) / "tokenizer", Path(cfg.out_dir) / "tokenizer"
+    if dist.main and prepared.is_dir():  # the run keeps the tokenizer it trained with (template, added tokens)
+        with output_dir(run_tokenizer, "tokenizer", overwrite=True) as tmp:
+            shutil.copytree(prepared, tmp, dirs_exist_ok=True)
+    parallel.barrier(dist)
+    if prepared.is_dir():  # eval.py, generate.py and merge.py read it from the run's config
+        cfg.data.tokenizer = str(run_tokenizer.resolve())
+    cfg.data.shard_dir = shard_dir  # recorded in config.json: eval.py reads the held-out split from it
+    train_set, val_set = SFTShards(shard_dir, "train"), SFTShards(shard_dir, "val")
+    longest = int(train_set.lengths.max())
+    if longest > cfg.model.max_seq_len and d.too_long != "truncate":
+        log(f"data: the longest sample has {longest} tokens, more than the model's context "
+            f"(max_seq_len={cfg.model.max_seq_len}); raise init_max_seq_len (and init_rope_theta) to train on it")
+    ranks = dict(rank=dist.rank, world_size=dist.world_size, too_long=d.too_long, padded=d.padded)
+    try:
+        train_data = PackedLoader(train_set, d.max_tokens, seed=cfg.seed, **ranks)
+        val_data = PackedLoader(val_set, d.max_tokens, shuffle=False, **ranks)
+    except ValueError as e:  # a sample longer than the budget, with too_long="error"
+        raise SystemExit(f"data error: {e}") from None
+    log(f"data: {train_set.n_samples} training and {val_set.n_samples} held-out samples, "
+        f"{train_set.n_learnable} learnable tokens ({meta.get('skipped') or 'none skipped'}); micro-batches of "
+        f"{d.max_tokens} tokens" + (", padded rows" if d.padded else ", packed"))
+    return train_data, val_data, meta["vocab_size"], meta.get("added_tokens", []), float(train_set.lengths.mean())
+
+
+def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.GracefulStop) -> dict:
+    device = dist.device
+    log = print if dist.main else (lambda *args, **kwargs: None)  # one console for the whole job
+    autocast = autocast_context(cfg.dtype, device)
+    out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup.resolve_model(cfg, argv)  # init_from: the pretrained model's shape and tokenizer
+    resume_from, lineage = setup.plan_start(cfg, dist)  # ckpt/latest, ckpt.resume_from, or scratch
+
+    # ---- data: pretraining windows or packed SFT samples; both loaders yield model.batch.Batch
+    d = cfg.data
+    make_data = sft_data if d.kind == "sft" else pretraining_data
+    train_data, val_data, vocab_size, added_tokens, mean_len = make_data(cfg, dist, log)
+    setup.fit_vocab(cfg, vocab_size, added_tokens, log)  # a chat template's new tokens grow the embedding
+    tokenizer = load_tokenizer(d.tokenizer)
+    if cfg.epochs:  # the number of steps, known before the first one from the packing plans
+        cfg.max_steps = train_data.total_steps(cfg.epochs, dist.world_size, d.grad_accum)
+        log(f"data: {cfg.epochs} epochs = {cfg.max_steps} steps of {d.grad_accum} x {dist.world_size} micro-batches")
+
+    # ---- model: built on the meta device, wrapped, materialised, filled (training/setup.py)
+    built = setup.build(cfg, dist, resume_from, log)
+    model, optimizer, step = built.model, built.optimizer, built.step
+    last_saved, total_tokens = resume_from, 0  # the newest good checkpoint of this run, named when it stops
+    if built.state is not None:
+        train_data.load_state_dict(built.state["data"])
+        total_tokens = built.state.get("tokens", step * d.batch_size * d.seq_len * d.grad_accum)
+    run_info, logger = setup.open_run(cfg, dist, argv)
     fwd = torch.compile(model) if cfg.compile else model
 
     # ---- the loop
-    tokens_per_step = d.batch_size * d.seq_len * d.grad_accum
-    flops_per_step = model.flops_per_token(d.seq_len) * tokens_per_step
+    flops_per_token = model.flops_per_token(round(mean_len))  # attention at the mean sample (window) length
     peak = peak_flops(device)
     peak = peak * dist.world_size if peak else None  # the whole job's
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     skipped, last, saved_step = 0, {}, step
-    start_step, t_window, steps_in_window, t_start = step, time.perf_counter(), 0, time.perf_counter()
+    start_step, t_window, t_start = step, time.perf_counter(), time.perf_counter()
+    window_tokens, window_learned = 0, 0  # tokens (and learnable ones) of the steps since the last log line
+    epoch_logged = getattr(train_data, "epoch", 0) - 1
 
     def run_eval() -> dict:
         with autocast:
@@ -186,7 +176,8 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
         nonlocal last_saved, saved_step
         try:
             last_saved = checkpoint.save_checkpoint(ckpt_root, step, model, optimizer,
-                                                    {"data": train_data.state_dict()}, cfg, cfg.ckpt.keep_last, dist,
+                                                    {"data": train_data.state_dict(), "tokens": total_tokens}, cfg,
+                                                    cfg.ckpt.keep_last, dist,
                                                     lineage=lineage)
         except checkpoint.NonFiniteWeightsError as e:  # finite losses until now, but the update overflowed
             raise SystemExit(f"stopping at step {step}: {e}; {good()}. Lower --optim.lr or raise "
@@ -194,21 +185,26 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
         saved_step = step
         log(f"saved checkpoint {last_saved}")
 
+    if cfg.eval.at_start and step == 0:
+        run_eval()
     stop.arm()  # from here on, SIGTERM / SIGINT end the loop after the current step
     model.train()
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.optim.lr, cfg.max_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if d.kind == "sft" and train_data.epoch != epoch_logged:  # packing efficiency, once per epoch
+            epoch_logged = train_data.epoch
+            log(f"data: epoch {epoch_logged}: {train_data.bins_in_epoch(epoch_logged)} micro-batches, packing "
+                f"efficiency {100 * train_data.efficiency(epoch_logged):.1f}% of {d.max_tokens} tokens")
         batches = [train_data.next_batch() for _ in range(d.grad_accum)]
-        n_local = torch.tensor(sum(int((y != -100).sum()) for _, y in batches), device=device)
-        n_learn = int(parallel.all_reduce_sum(dist, n_local))  # learnable tokens in the whole step, all ranks
+        counts = torch.tensor([sum(b.n_learnable() for b in batches), sum(b.input_ids.numel() for b in batches)])
+        n_learn, n_input = (int(n) for n in parallel.all_reduce_sum(dist, counts.to(device)))  # the whole step's
         loss_sum = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for i, batch in enumerate(batches):
             parallel.set_gradient_sync(model, dist, i == len(batches) - 1)  # reduce-scatter after the last only
             with autocast:
-                out = fwd(x, labels=y)
+                out = fwd(batch.to(device))
             # the step's loss is a mean over all its tokens; router losses (MoE) are weighted by tokens too
             ((out.loss_sum + out.aux_loss * out.n_tokens) / max(n_learn, 1)).backward()
             loss_sum += out.loss_sum.detach()
@@ -231,25 +227,25 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        steps_in_window += 1
+        total_tokens += n_input
+        window_tokens, window_learned = window_tokens + n_input, window_learned + n_learn
 
         if step % cfg.log.interval == 0 or step == cfg.max_steps:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            dt = (now - t_window) / steps_in_window
-            rate = tokens_per_step / dt
-            r = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                 "tokens_per_s": rate}
+            dt = now - t_window
+            r = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": total_tokens,
+                 "tokens_per_s": window_tokens / dt, "learnable_tokens_per_s": window_learned / dt}
             if peak:
-                r["mfu"] = flops_per_step / dt / peak
+                r["mfu"] = flops_per_token * window_tokens / dt / peak
             if (load := expert_load(model)) is not None:  # mixtures of experts: the busiest expert vs an even split
                 r["expert_load"] = load
             eta = (now - t_start) / (step - start_step) * (cfg.max_steps - step)
             if dist.main:
                 logger.write(r)
                 print(logger.train_line(r, cfg.max_steps, eta), flush=True)
-            t_window, steps_in_window, last = now, 0, r
+            t_window, last, window_tokens, window_learned = now, r, 0, 0
         t_side = time.perf_counter()  # evaluation, samples and checkpoints are left out of tokens/s
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.max_steps:
             run_eval()

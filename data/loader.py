@@ -1,7 +1,8 @@
 """Training and validation batches read from the token shards that data/prepare.py writes.
 
     loader = TokenLoader("shards/shk", "train", batch_size=8, seq_len=256, seed=0)
-    x, y = loader.next_batch()          # int64 (8, 256) each, y[:, t] = the token after x[:, t]
+    batch = loader.next_batch()          # a model.batch.Batch: input_ids, labels int64 (8, 256), labels[:, t] = the
+                                         # token after input_ids[:, t]
 
 The shards (raw uint16/uint32 .bin files described by meta.json) are memory-mapped, never loaded whole. Each
 shard is cut into windows of seq_len+1 tokens with stride seq_len (one token of overlap, so every token is a
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.batch import Batch
 
 META_VERSION = 1  # the token-shard format (meta.json + .bin/.idx) that data/prepare.py writes and this module reads
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -145,8 +148,8 @@ class TokenLoader:
         s = int(np.searchsorted(self._first, w, side="right")) - 1
         return s, (w - int(self._first[s])) * self.seq_len
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y) of the next global batch: int64 CPU tensors (batch_size, seq_len)."""
+    def next_batch(self) -> Batch:
+        """This rank's rows of the next global batch: input_ids and labels, int64 CPU tensors (batch_size, seq_len)."""
         first = self.position + self.rank * self.batch_size
         where = [self._locate(first + i) for i in range(self.batch_size)]
         w = np.stack([self._shards[s][t:t + self.seq_len + 1] for s, t in where]).astype(np.int64)  # (B, T+1)
@@ -158,7 +161,7 @@ class TokenLoader:
                                              f"meta.json was edited)")
         self.position += self.batch_size * self.world_size
         w = torch.from_numpy(w)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+        return Batch.from_windows(w[:, :-1].contiguous(), w[:, 1:].contiguous())  # (B, T), (B, T)
 
     def state_dict(self) -> dict:
         """The stream position (windows consumed by all ranks) plus what must match on resume."""
@@ -172,6 +175,11 @@ class TokenLoader:
                 raise ValueError(f"cannot resume the {self.split!r} loader: saved {key}={sd[key]!r} but this loader "
                                  f"has {getattr(self, key)!r} (different shards, seq_len or seed)")
         self.position = int(sd["position"])
+
+    @property
+    def n_batches(self) -> int:
+        """Batches in one pass over the split for this world size (at least 1; evaluation never wraps around)."""
+        return max(1, self.n_windows // (self.batch_size * self.world_size))
 
     def reset(self) -> None:
         """Back to the start of the stream (validation reads it from the top each time)."""

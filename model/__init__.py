@@ -4,8 +4,11 @@ What every family module (llama.py, gemma2.py, gpt_oss.py, granite_moe.py) provi
     a config dataclass with at least vocab_size, max_seq_len, rope_theta, rope_scaling, attn_backend and
         validate(); a dict of named sizes (*_CONFIGS)
     the model: built on the meta device, init_weights() / init_buffers(), and
-        forward(idx, labels=None, position_ids=None, cache=None, attention_mask=None, cu_seqlens=None)
-        -> logits (B, T, vocab) or a model.loss.LossOutput; new_cache(batch, max_len); num_params();
+        forward(batch) with a model.batch.Batch -> a model.loss.LossOutput (reduction="none" adds per-token and
+        per-sample losses; return_hidden=True gives the Trunk instead), or forward(idx, labels=None,
+        position_ids=None, cache=None, attention_mask=None, cu_seqlens=None) -> logits (B, T, vocab) or a
+        LossOutput; trunk(...) -> Trunk(hidden, aux_loss), the final hidden states apart from the LM head;
+        new_cache(batch, max_len); num_params();
         flops_per_token(seq_len) (active parameters for mixtures of experts)
     Hugging Face interop (model/hf.py): HF_MODEL_TYPES, config_from_hf(dict), config_to_hf(config),
         HF_KEY_MAP {hf name: ours} and, where a tensor is not a plain rename, HF_TRANSFORMS {our name: Transform}

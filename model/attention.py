@@ -35,11 +35,22 @@ Backends and what they serve (FEATURES):
 
 A backend asked for a feature it lacks raises an error naming the feature and the backends that have it: it is
 never swapped for another silently.
+
+Planned once per forward (AttentionPlan). A model builds one plan before its first layer (CausalLM.attention_plan)
+and hands it to every layer: the rotary cos/sin, the padding mask, and for packed batches the document layout,
+computed from the host cu_seqlens and validated once (DocumentLayout: the offsets with every row start merged in,
+on the device as flash takes them, their longest segment as a host int, the (B, T) document index of every token,
+and the offsets as a host tuple keying flex's BlockMask cache). The boolean masks eager and sdpa take are built on
+first use and cached in the plan by (Tq, Tk, causal, window), so a model with sliding and global layers builds two
+per forward, not one per layer. No layer reads a device tensor back: the only host read is cu_seqlens' values,
+once per forward, and none at all when it is on the host, where the loaders keep it. A direct attention() call
+without a plan gets one of its own.
 """
 
 import functools
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -172,13 +183,85 @@ def allowed_mask(t_q: int, t_k: int, device: torch.device, causal: bool, window:
     return allowed
 
 
+# ----------------------------------------------------------------------------- the plan of one forward
+
+
+class DocumentLayout(NamedTuple):
+    """Packed documents of a (B, T) batch as the backends take them, from the offsets' host values."""
+    key: tuple[int, ...]  # offsets with every row start merged in, host ints: hashable, keys flex's BlockMask cache
+    cu_seqlens: Tensor  # (n_segments + 1,) int32 on the device: the same offsets, flash's varlen layout
+    max_seqlen: int  # the longest segment (a document, or the part of one that lies in one row)
+    doc_ids: Tensor  # (B, T) int64 on the device: the segment of every token (eager and sdpa's masks, flex)
+
+
+def document_layout(cu_seqlens: Tensor, batch: int, seq_len: int, device: torch.device) -> DocumentLayout:
+    """Validate packed-document offsets cu_seqlens (n_docs + 1,) over the flattened B * T tokens and lay them out.
+
+    Only host values are read: loaders keep cu_seqlens on the host. One that arrives on a GPU (a caller moved it,
+    or FSDP2's root moved a Batch's tensors) is read back here, once per forward, never per layer. Rows are separate
+    sequences whatever cu_seqlens says: each row start is merged in as the start of a segment.
+    """
+    total = batch * seq_len
+    offsets = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else []  # (a device-to-host copy if on a GPU)
+    if not offsets or offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to B * T = {total}; got {cu_seqlens.tolist()}")
+    if any(end < start for start, end in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to B * T = {total}, non-decreasing; got {offsets}")
+    merged = sorted(set(offsets) | set(range(0, total + 1, seq_len)))  # empty documents drop out
+    max_seqlen = max(end - start for start, end in zip(merged, merged[1:]))
+    cu = torch.tensor(merged, dtype=torch.int32).to(device, non_blocking=True)  # (n_segments + 1,)
+    return DocumentLayout(tuple(merged), cu, max_seqlen, doc_ids_from_cu_seqlens(cu, batch, seq_len))
+
+
+class AttentionPlan:
+    """What the attention layers of one forward share, computed once before the first layer:
+
+        cos, sin      (B or 1, T, head_dim / 2) fp32 rotary angles (None when attention() is called directly)
+        mask          explicit boolean mask (B or 1, 1 or H, Tq, Tk), True = may attend (padding), or None
+        documents     the DocumentLayout of packed documents (from cu_seqlens), or None
+        allowed(...)  the boolean mask eager and sdpa take, built on first use, cached by (Tq, Tk, causal, window)
+        flash_offsets()  (cu_seqlens, max_seqlen) for the varlen kernels: the documents', else one per row
+
+    A plain object, neither a dataclass nor a tuple: FSDP2's input casting rebuilds those at every block, which
+    would copy the mask cache per layer and cast cos and sin to the parameters' dtype.
+    """
+
+    def __init__(self, batch: int, seq_len: int, device: torch.device, *, cos: Tensor | None = None,
+                 sin: Tensor | None = None, mask: Tensor | None = None, cu_seqlens: Tensor | None = None):
+        self.batch, self.seq_len, self.device = batch, seq_len, device  # the queries of this forward: (B, T)
+        self.cos, self.sin, self.mask = cos, sin, mask
+        self.documents = None if cu_seqlens is None else document_layout(cu_seqlens, batch, seq_len, device)
+        self._allowed: dict[tuple[int, int, bool, int], Tensor | None] = {}
+        self._row_offsets: Tensor | None = None
+
+    def allowed(self, t_q: int, t_k: int, causal: bool, window: int) -> Tensor | None:
+        """allowed_mask for these settings with the plan's documents and padding mask, built once per forward."""
+        key = (t_q, t_k, causal, window)
+        if key not in self._allowed:
+            doc_ids = None if self.documents is None else self.documents.doc_ids
+            self._allowed[key] = allowed_mask(t_q, t_k, self.device, causal, window, doc_ids, self.mask)
+        return self._allowed[key]
+
+    def flash_offsets(self) -> tuple[Tensor, int]:
+        """(cu_seqlens (n + 1,) int32 on the device, max_seqlen): the documents, or every row its own sequence."""
+        if self.documents is not None:
+            return self.documents.cu_seqlens, self.documents.max_seqlen
+        if self._row_offsets is None:
+            self._row_offsets = torch.arange(0, self.batch * self.seq_len + 1, self.seq_len, device=self.device,
+                                             dtype=torch.int32)  # (B + 1,)
+        return self._row_offsets, self.seq_len
+
+
 # ----------------------------------------------------------------------------- backends
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                     window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-                    doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """Reference attention in fp32. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D) in q.dtype."""
+                    doc_ids: Tensor | None = None, mask: Tensor | None = None,
+                    plan: AttentionPlan | None = None) -> Tensor:
+    """Reference attention in fp32. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D) in q.dtype.
+
+    The mask comes from the plan when one is given (its documents and padding), else from doc_ids and mask."""
     b, n_heads, t_q, d = q.shape
     t_k = k.shape[2]
     n_rep = n_heads // k.shape[1]
@@ -189,7 +272,10 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sca
     scores = torch.einsum("bhqd,bhkd->bhqk", q32, k32) * scale  # (B, H, Tq, Tk)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
+    if plan is not None:
+        allowed = plan.allowed(t_q, t_k, causal, window)  # (B or 1, 1, Tq, Tk), shared by the layers
+    else:
+        allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is None:
@@ -202,14 +288,22 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sca
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
-                   window: int = 0, doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """F.scaled_dot_product_attention. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D)."""
+                   window: int = 0, doc_ids: Tensor | None = None, mask: Tensor | None = None,
+                   plan: AttentionPlan | None = None) -> Tensor:
+    """F.scaled_dot_product_attention. q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D). The mask comes
+    from the plan when one is given, else from doc_ids and mask."""
     gqa = q.shape[1] != k.shape[1]
     t_q, t_k = q.shape[2], k.shape[2]
+    if plan is not None:
+        doc_ids = None if plan.documents is None else plan.documents.doc_ids
+        mask = plan.mask
     if not (window or doc_ids is not None or mask is not None) and (not causal or t_q == t_k):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     # sdpa's is_causal aligns to the top-left corner and knows no windows or documents: an explicit mask does all
-    allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
+    if plan is not None:
+        allowed = plan.allowed(t_q, t_k, causal, window)  # (B or 1, 1, Tq, Tk), shared by the layers
+    else:
+        allowed = allowed_mask(t_q, t_k, q.device, causal, window, doc_ids, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
@@ -230,7 +324,7 @@ def _compiled_flex():
 def _flex_block_mask(t_q: int, t_k: int, causal: bool, window: int, docs: tuple | None, batch: int,
                      device: str):
     """A BlockMask for these settings, cached: every layer of a forward (and every step of a fixed packing)
-    reuses it. docs: the flattened cu_seqlens as a tuple (hashable), or None."""
+    reuses it. docs: DocumentLayout.key (the offsets as a hashable tuple of host ints), or None."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = t_k - t_q
@@ -253,10 +347,13 @@ def _flex_block_mask(t_q: int, t_k: int, causal: bool, window: int, docs: tuple 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                    window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-                   cu_seqlens: Tensor | None = None) -> Tensor:
-    """FlexAttention (CUDA for training). q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D)."""
+                   cu_seqlens: Tensor | None = None, plan: AttentionPlan | None = None) -> Tensor:
+    """FlexAttention (CUDA for training). q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D). Documents from
+    the plan, or from cu_seqlens when called without one."""
     b, _, t_q, _ = q.shape
-    docs = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None
+    if plan is None and cu_seqlens is not None:
+        plan = AttentionPlan(b, t_q, q.device, cu_seqlens=cu_seqlens)
+    docs = plan.documents.key if plan is not None and plan.documents is not None else None  # host ints
     block_mask = _flex_block_mask(t_q, k.shape[2], causal, window, docs, b, str(q.device))
     def capped(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
@@ -274,14 +371,16 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scal
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
-                    window: int = 0, softcap: float = 0.0, cu_seqlens: Tensor | None = None) -> Tensor:
-    """flash-attn varlen (or PyTorch's varlen_attn). q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D)."""
+                    window: int = 0, softcap: float = 0.0, cu_seqlens: Tensor | None = None,
+                    plan: AttentionPlan | None = None) -> Tensor:
+    """flash-attn varlen (or PyTorch's varlen_attn). q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D).
+    Documents from the plan, or from cu_seqlens when called without one."""
     b, n_heads, t, d = q.shape
     if k.shape[2] != t:
         raise ValueError("flash backend: needs as many queries as keys (no KV cache); use sdpa or eager to decode")
-    rows = torch.arange(0, b * t + 1, t, device=q.device, dtype=torch.int32)  # every row starts a sequence
-    cu = rows if cu_seqlens is None else torch.unique(torch.cat([rows, cu_seqlens.to(q.device, torch.int32)]))
-    max_len = int((cu[1:] - cu[:-1]).max())
+    if plan is None:
+        plan = AttentionPlan(b, t, q.device, cu_seqlens=cu_seqlens)
+    cu, max_len = plan.flash_offsets()  # (n + 1,) int32 on the device with every row start, a host int
     qf, kf, vf = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))  # (B*T, heads, D)
     left = window - 1 if window else -1  # keys i - (window - 1) .. i
     flash = flash_attn_varlen()
@@ -302,7 +401,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sca
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, window: int, softcap: float, sinks: Tensor | None,
-           cu_seqlens: Tensor | None) -> None:
+           documents: bool) -> None:
+    """Shape and argument checks from host values only (cu_seqlens' own are the plan's, document_layout)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q (B, H, T, D) and k, v (B, H_kv, T, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -313,40 +413,46 @@ def _check(q: Tensor, k: Tensor, v: Tensor, window: int, softcap: float, sinks: 
         raise ValueError(f"window ({window}) and softcap ({softcap}) must be >= 0 (0 = off)")
     if sinks is not None and sinks.shape != (q.shape[1],):
         raise ValueError(f"sinks must have one logit per query head, shape ({q.shape[1]},); got {tuple(sinks.shape)}")
-    if cu_seqlens is not None:
-        if q.shape[2] != k.shape[2]:
-            raise ValueError("packed documents (cu_seqlens) cannot be combined with a KV cache")
-        total = q.shape[0] * q.shape[2]
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to B * T = {total}; got {cu_seqlens.tolist()}")
+    if documents and q.shape[2] != k.shape[2]:
+        raise ValueError("packed documents (cu_seqlens) cannot be combined with a KV cache")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", causal: bool = True,
               scale: float | None = None, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-              cu_seqlens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+              cu_seqlens: Tensor | None = None, mask: Tensor | None = None,
+              plan: AttentionPlan | None = None) -> Tensor:
     """Attention of q (B, n_heads, Tq, head_dim) over k, v (B, n_kv_heads, Tk, head_dim) -> (B, n_heads, Tq, head_dim).
 
     window: sliding-window size in keys (0 = off); softcap: tanh cap on the scores (0 = off); sinks: (n_heads,)
     logits; cu_seqlens: packed-document offsets over the flattened B * T tokens; mask: boolean, broadcastable to
     (B, n_heads, Tq, Tk), True = may attend, combined with the causal (and window, document) rule.
+    plan: the forward's AttentionPlan, which then holds the documents and the mask (a model's layers pass it;
+    cu_seqlens and mask go into it, not beside it). Without one, this call plans for itself.
     """
-    _check(q, k, v, window, softcap, sinks, cu_seqlens)
+    if plan is not None and (cu_seqlens is not None or mask is not None):
+        raise ValueError("attention: with a plan, cu_seqlens and mask belong to the plan (AttentionPlan(...)), "
+                         "not to the call")
+    documents = cu_seqlens is not None or (plan is not None and plan.documents is not None)
+    _check(q, k, v, window, softcap, sinks, documents)
+    if plan is None:
+        plan = AttentionPlan(q.shape[0], q.shape[2], q.device, mask=mask, cu_seqlens=cu_seqlens)
+    elif documents and (plan.batch, plan.seq_len) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"attention: the plan's documents cover {plan.batch} x {plan.seq_len} tokens but q is "
+                         f"{tuple(q.shape)}")
     needs = {name for name, on in (("window", window), ("softcap", softcap), ("sinks", sinks is not None),
-                                   ("documents", cu_seqlens is not None), ("mask", mask is not None),
+                                   ("documents", documents), ("mask", plan.mask is not None),
                                    ("kv_cache", k.shape[2] != q.shape[2]),
                                    ("fp32", q.dtype not in (torch.float16, torch.bfloat16))) if on}
     chosen = resolve_backend(backend, frozenset(needs), q.device)
     if chosen == "flash":
-        return flash_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                               cu_seqlens=cu_seqlens)
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, plan=plan)
     if chosen == "flex":
         return flex_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
-                              cu_seqlens=cu_seqlens)
-    doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, q.shape[0], q.shape[2]) if cu_seqlens is not None else None
+                              plan=plan)
     if chosen == "sdpa":
-        return sdpa_attention(q, k, v, causal=causal, scale=scale, window=window, doc_ids=doc_ids, mask=mask)
+        return sdpa_attention(q, k, v, causal=causal, scale=scale, window=window, plan=plan)
     return eager_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
-                           doc_ids=doc_ids, mask=mask)
+                           plan=plan)
 
 
 # ----------------------------------------------------------------------------- the layer around it
@@ -355,8 +461,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", causal:
 class SelfAttention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and a KV cache: the projections around attention().
 
-        q, k, v = x @ wq, x @ wk, x @ wv  (+ biases)    rotated by RoPE (cos, sin), k and v appended to the cache
-        out = attention(q, k, v, window, softcap, sinks, documents, mask) @ wo  (+ bias)
+        q, k, v = x @ wq, x @ wk, x @ wv  (+ biases)    rotated by RoPE (plan.cos, plan.sin), k, v appended to the cache
+        out = attention(q, k, v, window, softcap, sinks, plan) @ wo  (+ bias)      plan: documents, padding mask
 
     The families differ only in arguments: Qwen2 has q/k/v biases, GPT-OSS biases on all four and sinks,
     Gemma2 a softcap and its own scale, GraniteMoE its attention multiplier as the scale; Gemma2 and GPT-OSS
@@ -377,9 +483,9 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
         self.sinks = nn.Parameter(torch.empty(n_heads)) if sinks else None  # (n_heads,) one logit per head
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, plan: AttentionPlan, cache=None) -> Tensor:
         B, T, _ = x.shape
+        cos, sin = plan.cos, plan.sin  # (B or 1, T, head_dim / 2)
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
@@ -393,6 +499,6 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_id, k, v)  # (B, n_kv_heads, past + T, head_dim)
         y = attention(q, k, v, backend=self.backend, scale=self.scale, window=self.window, softcap=self.softcap,
-                      sinks=self.sinks, cu_seqlens=cu_seqlens, mask=mask)  # (B, n_heads, T, head_dim)
+                      sinks=self.sinks, plan=plan)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)

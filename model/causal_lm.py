@@ -1,21 +1,65 @@
-"""What the top-level module of every family shares: RoPE buffers, tied heads, KV caches, parameter and FLOP
-counts. The forward, the blocks and init_weights() stay in each family's own file.
+"""What the top-level module of every family shares: RoPE buffers, tied heads, the attention plan of a forward, KV
+caches, parameter and FLOP counts. The forward, trunk(), the blocks and init_weights() stay in each family's own file.
 
 A subclass sets, in its __init__: self.config (with n_layers, n_heads, n_kv_heads, head_dim, rope_theta,
 rope_scaling, tie_embeddings), self.tok_embeddings, self.layers (blocks whose `.attn` is a SelfAttention) and
 self.output, then calls self.register_rope_buffer().
+
+Every family's forward takes the same arguments and returns by the same rules:
+
+    model(idx)                                   logits (B, T, V)
+    model(idx, labels=..., position_ids=..., cache=..., attention_mask=..., cu_seqlens=...)
+                                                 LossOutput with labels, else logits (generation, HF parity, eval)
+    model(batch)                                 LossOutput of a model.batch.Batch (its labels, position_ids,
+                                                 cu_seqlens and loss_weights): the training step and evaluation
+    model(..., reduction="none")                 LossOutput with token_losses, sample_losses, sample_tokens too
+    model(..., return_hidden=True)               Trunk(hidden (B, T, dim) after the final norm, aux_loss)
+
+return_hidden goes through forward, so FSDP2's forward hooks run; trunk() itself is the same computation for
+code that calls it inside another module's forward (classification and policy heads attach there).
 """
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from model.attention import BACKENDS, causal_padding_mask
+from model.attention import BACKENDS, AttentionPlan, causal_padding_mask
+from model.batch import Batch
 from model.kv_cache import KVCache
 from model.moe import MoE
 from model.rope import rope_cos_sin, rope_inv_freq_for
+
+
+class Trunk(NamedTuple):
+    """What a family computes before its LM head: where other heads (classification, policy) attach."""
+    hidden: Tensor  # (B, T, dim) the final hidden states, after the final norm
+    aux_loss: Tensor | float = 0.0  # fp32 scalar, a mean over layers: router losses of mixture-of-experts models
+
+
+class Inputs(NamedTuple):
+    """A forward's arguments, from a Batch or from the tensors given one by one (see forward_inputs)."""
+    idx: Tensor  # (B, T) int64
+    labels: Tensor | None  # (B, T) int64, or None: logits, not a loss
+    position_ids: Tensor | None  # (B, T), or None: past..past+T-1
+    cu_seqlens: Tensor | None  # (n_samples + 1,) int32 on the host, or None
+    loss_weights: Tensor | None  # (B, T) float, or None
+
+
+def forward_inputs(idx: Tensor | Batch, labels: Tensor | None, position_ids: Tensor | None,
+                   cu_seqlens: Tensor | None, reduction: str) -> Inputs:
+    """The arguments of a family's forward: a Batch's fields, or the tensors as given (then no loss weights)."""
+    if isinstance(idx, Batch):
+        if labels is not None or position_ids is not None or cu_seqlens is not None:
+            raise ValueError("forward: a Batch carries its own labels, position_ids and cu_seqlens; pass none beside it")
+        inputs = Inputs(idx.input_ids, idx.labels, idx.position_ids, idx.cu_seqlens, idx.loss_weights)
+    else:
+        inputs = Inputs(idx, labels, position_ids, cu_seqlens, None)
+    if inputs.labels is None and reduction != "sum":
+        raise ValueError(f"forward: reduction={reduction!r} is a loss option; it needs labels (or a Batch)")
+    return inputs
 
 
 class CausalLM(nn.Module):
@@ -46,17 +90,19 @@ class CausalLM(nn.Module):
         c = self.config
         self.inv_freq = rope_inv_freq_for(c.head_dim, c.rope_theta, c.rope_scaling, device=self.inv_freq.device)
 
-    def positions(self, idx: Tensor, position_ids: Tensor | None, cache: KVCache | None,
-                  attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """cos, sin (B or 1, T, head_dim / 2) of the rotary angles and the padding mask (None without padding)
-        for a forward over idx (B, T): positions default to past..past+T-1, past = the cached length."""
-        T = idx.shape[1]
+    def attention_plan(self, idx: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None,
+                       attention_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> AttentionPlan:
+        """The AttentionPlan every layer of a forward over idx (B, T) shares, built once before the first layer:
+        cos, sin (B or 1, T, head_dim / 2) of the rotary angles (positions default to past..past+T-1, past = the
+        cached length), the padding mask (B, 1, T, past + T) from attention_mask (B, past + T), and the document
+        layout of packed batches from cu_seqlens (kept on the host by the loaders: no device read-back)."""
+        B, T = idx.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
         mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
-        return cos, sin, mask  # mask (B, 1, T, past + T)
+        return AttentionPlan(B, T, idx.device, cos=cos, sin=sin, mask=mask, cu_seqlens=cu_seqlens)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for this model: batch_size rows of up to max_len positions."""

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from kernels import KernelConfig
-from model.attention import SelfAttention
-from model.causal_lm import CausalLM, check_config, check_layer_types
+from model.attention import AttentionPlan, SelfAttention
+from model.batch import Batch
+from model.causal_lm import CausalLM, Trunk, check_config, check_layer_types, forward_inputs
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_head_loss
 from model.norm import RMSNorm
@@ -106,9 +107,8 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.post_mlp_norm = RMSNorm(c.dim, c.norm_eps, unit_offset=True)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens))  # (B, T, dim)
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: KVCache | None = None) -> Tensor:
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), plan, cache))  # (B, T, dim)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))  # (B, T, dim)
         return x
 
@@ -149,24 +149,36 @@ class Gemma2(CausalLM):
             nn.init.normal_(self.output.weight, std=std)
         self.init_buffers()
 
-    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
-        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
-
-        position_ids, cache, attention_mask and cu_seqlens (packed documents) as in model.llama.Llama.forward.
-        """
-        cos, sin, mask = self.positions(idx, position_ids, cache, attention_mask)  # rotary angles, padding mask
+    def trunk(self, idx: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None,
+              attention_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Trunk:
+        """The final hidden states (B, T, dim) of idx (B, T), after the final norm (before the head and its
+        softcap): where other heads attach. Arguments as in model.llama.Llama.forward."""
+        plan = self.attention_plan(idx, position_ids, cache, attention_mask, cu_seqlens)  # once for every layer
         x = self.tok_embeddings(idx)  # (B, T, dim)
         x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)  # the normaliser, rounded to x's dtype as in HF
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
+            x = layer(x, plan, cache)  # (B, T, dim)
         if cache is not None:
             cache.advance(idx.shape[1])
-        x, cap = self.norm(x), self.config.final_softcap  # (B, T, dim)
+        return Trunk(self.norm(x))  # (B, T, dim)
+
+    def forward(self, idx: Tensor | Batch, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, *, reduction: str = "sum",
+                return_hidden: bool = False) -> Tensor | LossOutput | Trunk:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), capped by final_softcap, or LossOutput when labels (B, T)
+        are given or idx is a Batch; Trunk with return_hidden. Arguments as in model.llama.Llama.forward.
+        """
+        idx, labels, position_ids, cu_seqlens, weights = forward_inputs(idx, labels, position_ids, cu_seqlens,
+                                                                        reduction)
+        trunk = self.trunk(idx, position_ids, cache, attention_mask, cu_seqlens)
+        if return_hidden:
+            return trunk
+        cap = self.config.final_softcap
         if labels is not None:  # the loss applies the cap itself (by default never holding all logits)
-            return lm_head_loss(x, self.output, labels, self.config.kernels, softcap=cap)
-        logits = self.output(x)  # (B, T, vocab_size)
+            return lm_head_loss(trunk.hidden, self.output, labels, self.config.kernels, softcap=cap,
+                                reduction=reduction, loss_weights=weights, cu_seqlens=cu_seqlens)
+        logits = self.output(trunk.hidden)  # (B, T, vocab_size)
         return cap * torch.tanh(logits / cap) if cap else logits
 
 

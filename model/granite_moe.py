@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from kernels import KernelConfig
-from model.attention import SelfAttention
-from model.causal_lm import CausalLM, check_config
+from model.attention import AttentionPlan, SelfAttention
+from model.batch import Batch
+from model.causal_lm import CausalLM, Trunk, check_config, forward_inputs
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_head_loss
 from model.moe import MoE
@@ -92,9 +93,8 @@ class Block(nn.Module):
         self.moe = MoE(c.dim, c.ffn_dim, c.n_experts, c.top_k, activation="silu", aux_loss_coef=c.aux_loss_coef,
                        z_loss_coef=c.z_loss_coef)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens) * self.residual_multiplier
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        x = x + self.attn(self.attn_norm(x), plan, cache) * self.residual_multiplier
         h, router = self.moe(self.mlp_norm(x))  # (B, T, dim)
         return x + h * self.residual_multiplier, router.aux_loss
 
@@ -134,28 +134,39 @@ class GraniteMoe(CausalLM):
             nn.init.normal_(self.output.weight, std=std)
         self.init_buffers()
 
-    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
-        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given (its
-        aux_loss is the mean over layers of the router losses, when their coefficients are set).
-
-        position_ids, cache, attention_mask and cu_seqlens (packed documents) as in model.llama.Llama.forward.
-        """
-        cos, sin, mask = self.positions(idx, position_ids, cache, attention_mask)  # rotary angles, padding mask
+    def trunk(self, idx: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None,
+              attention_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Trunk:
+        """The final hidden states (B, T, dim) of idx (B, T), after the final norm (before logits_scaling), and the mean over
+        layers of the router losses: where other heads attach. Arguments as in model.llama.Llama.forward."""
+        plan = self.attention_plan(idx, position_ids, cache, attention_mask, cu_seqlens)  # once for every layer
         x = self.tok_embeddings(idx) * self.config.embedding_multiplier  # (B, T, dim)
         aux = torch.zeros((), device=idx.device)
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
+            x, layer_aux = layer(x, plan, cache)  # (B, T, dim)
             aux = aux + layer_aux
         if cache is not None:
             cache.advance(idx.shape[1])
-        x = self.norm(x)  # (B, T, dim)
+        return Trunk(self.norm(x), aux / self.config.n_layers)  # (B, T, dim)
+
+    def forward(self, idx: Tensor | Batch, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, *, reduction: str = "sum",
+                return_hidden: bool = False) -> Tensor | LossOutput | Trunk:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given or idx is a
+        Batch (its aux_loss is the mean over layers of the router losses, when their coefficients are set); Trunk
+        with return_hidden. Arguments as in model.llama.Llama.forward.
+        """
+        idx, labels, position_ids, cu_seqlens, weights = forward_inputs(idx, labels, position_ids, cu_seqlens,
+                                                                        reduction)
+        trunk = self.trunk(idx, position_ids, cache, attention_mask, cu_seqlens)
+        if return_hidden:
+            return trunk
         if labels is None:
-            return self.output(x) / self.config.logits_scaling  # (B, T, vocab_size)
+            return self.output(trunk.hidden) / self.config.logits_scaling  # (B, T, vocab_size)
         # output(x) / s = output(x / s) for the bias-free head; the loss takes the scaled hidden states
-        loss = lm_head_loss(x / self.config.logits_scaling, self.output, labels, self.config.kernels)
-        return loss._replace(aux_loss=aux / self.config.n_layers)
+        loss = lm_head_loss(trunk.hidden / self.config.logits_scaling, self.output, labels, self.config.kernels,
+                            reduction=reduction, loss_weights=weights, cu_seqlens=cu_seqlens)
+        return loss._replace(aux_loss=trunk.aux_loss)
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face interop

@@ -27,7 +27,7 @@ from torch import nn
 
 from model import build_model, gemma2, gpt_oss, granite_moe, llama
 from model.files import OutputError, cache_dir, check_output_dir, output_dir
-from model.weights import (HF_MODEL_KIND, key_mapper, load_safetensors, tied_names, transform_finder,
+from model.weights import (HF_MODEL_KIND, Transform, key_mapper, load_safetensors, tied_names, transform_finder,
                            write_safetensors)
 
 FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gemma2, gpt_oss, granite_moe)
@@ -133,13 +133,32 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
-def load_pretrained_weights(model: nn.Module, path: str | Path, copy=None) -> None:
+def load_pretrained_weights(model: nn.Module, path: str | Path, copy=None, grow_vocab: bool = False) -> None:
     """Fill a materialised model with the weights of an HF directory or .gguf (names, shapes checked first);
-    copy as in model.weights.load_safetensors (a sharded model keeps its rows only)."""
+    copy as in model.weights.load_safetensors (a sharded model keeps its rows only).
+
+    grow_vocab=True: a model built with more vocabulary rows than the checkpoint (special tokens added for a chat
+    template) takes the checkpoint's rows first and fills the rest with their mean, the embedding and an untied
+    output head alike, as transformers' resize_token_embeddings(mean_resizing=True) starts them."""
     model_dir = resolve_model_dir(path)
-    family = family_of(read_hf_config(model_dir))
+    hf_config = read_hf_config(model_dir)
+    family = family_of(hf_config)
+    transforms = dict(getattr(family, "HF_TRANSFORMS", None) or {})
+    rows = model.config.vocab_size
+    if grow_vocab and rows > hf_config["vocab_size"]:
+        for name in ("tok_embeddings.weight", "output.weight"):
+            transforms[name] = Transform(shape=lambda s: (rows, *s[1:]), load=lambda t: grow_rows(t, rows),
+                                         export=lambda t: t)
     load_safetensors(model, weight_files(model_dir), key_map=key_mapper(family.HF_KEY_MAP),
-                     transforms=getattr(family, "HF_TRANSFORMS", None), copy=copy)
+                     transforms=transforms, copy=copy)
+
+
+def grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (n, d) extended to (rows, d): the new rows are the mean of the n old ones (computed in fp32)."""
+    if rows <= t.shape[0]:
+        return t
+    mean = t.float().mean(dim=0, keepdim=True).to(t.dtype)  # (1, d)
+    return torch.cat([t, mean.expand(rows - t.shape[0], -1)])  # (rows, d)
 
 
 def check_tokenizer_fits(tokenizer, config) -> None:

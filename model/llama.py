@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from kernels import KernelConfig
-from model.attention import SelfAttention
-from model.causal_lm import CausalLM, check_config
+from model.attention import AttentionPlan, SelfAttention
+from model.batch import Batch
+from model.causal_lm import CausalLM, Trunk, check_config, forward_inputs
 from model.kv_cache import KVCache
 from model.loss import LossOutput, lm_head_loss
 from model.norm import RMSNorm
@@ -98,9 +99,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), plan, cache)  # (B, T, dim)
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, dim)
         return x
 
@@ -147,27 +147,41 @@ class Llama(CausalLM):
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
         self.init_buffers()
 
-    def forward(self, idx: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+    def trunk(self, idx: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None,
+              attention_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Trunk:
+        """The final hidden states (B, T, dim) of idx (B, T), after the final norm: where the LM head, and any
+        other head (classification, policy), attaches. Arguments as in forward."""
+        plan = self.attention_plan(idx, position_ids, cache, attention_mask, cu_seqlens)  # once for every layer
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, plan, cache)  # (B, T, dim)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        return Trunk(self.norm(x))  # (B, T, dim)
+
+    def forward(self, idx: Tensor | Batch, labels: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor | LossOutput:
-        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given.
+                cu_seqlens: Tensor | None = None, *, reduction: str = "sum",
+                return_hidden: bool = False) -> Tensor | LossOutput | Trunk:
+        """idx (B, T) int64 -> logits (B, T, vocab_size), or LossOutput when labels (B, T) are given or idx is a
+        model.batch.Batch (its labels, positions, cu_seqlens and loss_weights); Trunk with return_hidden.
 
         position_ids (B, T) default to 0..T-1 for every row (past..past+T-1 with a cache); packed batches pass
         positions that restart at each document together with cu_seqlens (n_docs + 1,) int32, the document
         offsets in the flattened B * T tokens, so that no token attends across a document boundary.
         cache: a KVCache that this call reads and extends (generation). attention_mask
         (B, past + T): 1 for real tokens, 0 for padding, which no query attends (left-padded prompts).
+        reduction: "sum" (the sums only) or "none" (per token and per sample too; see model.loss.lm_head_loss).
         """
-        cos, sin, mask = self.positions(idx, position_ids, cache, attention_mask)  # rotary angles, padding mask
-        x = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask, cu_seqlens)  # (B, T, dim)
-        if cache is not None:
-            cache.advance(idx.shape[1])
-        x = self.norm(x)  # (B, T, dim)
+        idx, labels, position_ids, cu_seqlens, weights = forward_inputs(idx, labels, position_ids, cu_seqlens,
+                                                                        reduction)
+        trunk = self.trunk(idx, position_ids, cache, attention_mask, cu_seqlens)
+        if return_hidden:
+            return trunk
         if labels is None:
-            return self.output(x)  # (B, T, vocab_size)
-        return lm_head_loss(x, self.output, labels, self.config.kernels)  # by default never holding all logits
+            return self.output(trunk.hidden)  # (B, T, vocab_size)
+        return lm_head_loss(trunk.hidden, self.output, labels, self.config.kernels, reduction=reduction,
+                            loss_weights=weights, cu_seqlens=cu_seqlens)  # by default never holding all logits
 
 CONFIG_CLASS = LlamaConfig
 HF_MODEL_TYPES = ("llama", "qwen2")

@@ -326,7 +326,8 @@ def test_prepare_real_corpus_and_cli(tmp_path, tok, shakespeare, capsys):
     assert "train:" in printed and json.loads(printed.splitlines()[2]) == meta["stats"]
     loader = TokenLoader(str(tmp_path / "out"), "train", batch_size=2, seq_len=1024)
     assert loader.n_long_docs == 3  # the three plays, each far longer than 1024 tokens
-    x, y = loader.next_batch()
+    b = loader.next_batch()
+    x, y = b.input_ids, b.labels
     assert x.shape == y.shape == (2, 1024) and torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -359,21 +360,22 @@ def shard_dir(tmp_path) -> Path:
 
 
 def batches(loader: TokenLoader, n: int) -> list[torch.Tensor]:
-    return [torch.cat(loader.next_batch(), dim=1) for _ in range(n)]
+    return [torch.cat([b.input_ids, b.labels], dim=1) for b in (loader.next_batch() for _ in range(n))]
 
 
 def test_loader_windows_and_shift(shard_dir):
     loader = TokenLoader(str(shard_dir), "train", batch_size=4, seq_len=8, seed=0)
     assert loader.n_windows == 32 and loader.tokens_per_batch == 32
     for _ in range(10):
-        x, y = loader.next_batch()
+        b = loader.next_batch()
+        x, y = b.input_ids, b.labels
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 8)
         assert torch.equal(y, x + 1)  # y is x shifted by one, and no window crosses a shard boundary
 
 
 def test_loader_epoch_is_a_permutation(shard_dir):
     loader = TokenLoader(str(shard_dir), "train", batch_size=3, seq_len=8, seed=5)
-    starts = torch.cat([x[:, 0] for x, _ in (loader.next_batch() for _ in range(22))]).tolist()  # 66 windows
+    starts = torch.cat([b.input_ids[:, 0] for b in (loader.next_batch() for _ in range(22))]).tolist()  # 66 windows
     first, second = starts[:32], starts[32:64]
     expected_starts = sorted([8 * i for i in range(20)] + [1161 + 8 * i for i in range(12)])
     assert sorted(first) == expected_starts and sorted(second) == expected_starts
@@ -427,7 +429,8 @@ def test_loader_long_docs_and_uint32(tmp_path):
     root = make_shards(tmp_path / "s", {"train": [[5, 9, 10, 30], [12]], "val": [[40]]}, dtype="uint32")
     loader = TokenLoader(str(root), "train", 2, 9, seed=0)
     assert loader.n_long_docs == 3  # lengths 10, 30, 12 exceed seq_len 9
-    x, y = loader.next_batch()
+    b = loader.next_batch()
+    x, y = b.input_ids, b.labels
     assert torch.equal(y, x + 1)
 
 

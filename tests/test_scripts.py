@@ -143,8 +143,8 @@ def test_eval_of_nan_weights_prints_strict_json_and_fails(debug_ckpt, tmp_path):
 class InfiniteLoss(nn.Module):
     """A stand-in model whose loss over every batch is +inf (an overflow)."""
 
-    def forward(self, x, labels):
-        return LossOutput(torch.tensor(float("inf")), torch.tensor(labels.numel()), torch.tensor(0))
+    def forward(self, batch):
+        return LossOutput(torch.tensor(float("inf")), torch.tensor(batch.labels.numel()), torch.tensor(0))
 
 
 def test_infinite_loss_gives_infinite_perplexity():

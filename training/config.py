@@ -29,7 +29,8 @@ from model.llama import LlamaConfig
 
 @dataclass
 class DataConfig:
-    corpus: str = "shakespeare"  # a known corpus name (shakespeare), or a path: file, directory or glob of .txt/.jsonl/.jsonl.zst
+    kind: Literal["pretrain", "sft"] = "pretrain"  # pretrain: windows of a token stream (corpus, seq_len, batch_size); sft: conversations packed to max_tokens, assistant-only loss (data/sft.py, data/packing.py)
+    corpus: str = "shakespeare"  # a known corpus name (shakespeare), or a path: file, directory or glob of .txt/.jsonl/.jsonl.zst; for sft, the training file(s): .jsonl, .json, .parquet
     files: str = "*"  # comma-separated glob(s) on file names to keep inside the corpus, e.g. "*_gut.txt"
     shard_dir: str = ""  # where token shards live; "" = data/cache/shards/<corpus>-<tokenizer>; prepared when missing
     tokenizer: str = "auto"  # auto = init_from's own tokenizer, else gpt2; or a name (gpt2, cl100k_base, o200k_base, o200k_harmony), a model directory, a .tiktoken or SentencePiece .model file
@@ -40,6 +41,17 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sequence (context length)
     batch_size: int = 8  # sequences per micro-batch, for the whole job: each of N torchrun processes reads batch_size / N
     grad_accum: int = 1  # micro-batches per optimizer step
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "qa"] = "auto"  # sft: row format (auto = detected from the fields)
+    val_files: str = ""  # sft: held-out file(s); "" = val_fraction of the training samples
+    chat_template: str = "auto"  # sft: auto = the tokenizer's own; a name (chatml, llama3, qwen3, gemma, granite, harmony, llama2) or a jinja file
+    system_prompt: str = ""  # sft: system message added to conversations that have none
+    train_on: Literal["assistant", "all", "last"] = "assistant"  # sft: learn the assistant replies (and their end tokens), the whole conversation, or the last reply only
+    special_tokens_in_content: bool = False  # sft: special-token text inside message content becomes special ids (default: encoded as plain text)
+    add_missing_tokens: bool = True  # sft: add the special tokens the template needs but the vocabulary lacks (embedding grows, new rows at the mean)
+    skip_bad_rows: bool = False  # sft: skip (and count) rows that cannot be read instead of stopping
+    max_tokens: int = 4096  # sft: token budget of each packed micro-batch (per process)
+    too_long: Literal["error", "truncate", "drop"] = "error"  # sft: a sample longer than max_tokens stops the run, is truncated, or is dropped (counted)
+    padded: bool = False  # sft: one padded row per sample instead of packing (the baseline; same samples per micro-batch)
 
 
 @dataclass
@@ -66,6 +78,7 @@ class ScheduleConfig:
 class EvalConfig:
     interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
     batches: int = 20  # validation batches per evaluation
+    at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune is compared against)
 
 
 @dataclass
@@ -100,6 +113,7 @@ class TrainConfig:
     out_dir: str = "out/run"  # run directory: config.json, metrics.jsonl, ckpt/
     seed: int = 1337  # seed for initialisation and data order
     max_steps: int = 1000  # optimizer steps to train for
+    epochs: int = 0  # sft: train for this many passes over the data instead (max_steps is then computed from the packing plan); 0 = use max_steps
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast dtype: auto = bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
@@ -127,7 +141,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}={value} must be a finite number")
         for key, interval in RANGES.items():
             check_range(key, get_key(self, key), interval)
-        if self.data.seq_len > self.model.max_seq_len:
+        if self.epochs and self.data.kind != "sft":
+            raise ConfigError(f"epochs={self.epochs} applies to data.kind='sft' (pretraining streams have no epochs to "
+                              f"count); set --max_steps instead")
+        if self.data.kind == "pretrain" and self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower --data.seq_len or raise --model.max_seq_len")
         if hasattr(self.model, "validate"):
@@ -152,6 +169,8 @@ RANGES: dict[str, str] = {
     "data.seq_len": "[1, inf)",
     "data.batch_size": "[1, inf)",
     "data.grad_accum": "[1, inf)",
+    "data.max_tokens": "[1, inf)",
+    "epochs": "[0, inf)",
     "optim.lr": "[0, inf)",
     "optim.weight_decay": "[0, inf)",
     "optim.beta1": "[0, 1)",

@@ -1,4 +1,4 @@
-"""Validation loss, perplexity and token accuracy over a stream of (x, y) batches."""
+"""Validation loss, perplexity and token accuracy over a stream of batches (model.batch.Batch)."""
 
 import math
 from collections.abc import Callable, Iterable
@@ -7,32 +7,37 @@ import torch
 from tqdm import tqdm
 from torch import nn
 
+from model.batch import Batch
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable | object, max_batches: int, device: torch.device,
              progress: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Mean loss over every learnable token of up to `max_batches` batches (0 = all of them).
 
-    `batches` is a TokenLoader (reset first, read sequentially) or any iterable of (x, y) pairs. Positions
-    labelled -100 count nowhere. Returns val_loss, val_ppl = exp(val_loss), val_token_acc, val_tokens.
-    progress=True shows a progress bar (eval.py; train.py's periodic evaluations stay quiet). Under torchrun,
-    each rank reads its slice of every batch and reduce sums the totals over ranks.
+    `batches` is a loader with reset(), n_batches and next_batch() (data.loader.TokenLoader's windows,
+    data.packing.PackedLoader's packed samples), read from the top for one pass at most, or any iterable of Batch
+    or (input_ids, labels) pairs. Positions labelled -100 count nowhere, so an SFT split is scored on the assistant's
+    tokens only. Returns val_loss, val_ppl = exp(val_loss), val_token_acc, val_tokens. progress=True shows a
+    progress bar (eval.py; train.py's periodic evaluations stay quiet). Under torchrun, each rank reads its share
+    of every batch and reduce sums the totals over ranks.
     """
     total = max_batches or None
     if hasattr(batches, "reset"):
         loader = batches
         loader.reset()
-        available = max(1, loader.n_windows // (loader.batch_size * loader.world_size))  # never wrap around
-        total = available if max_batches <= 0 else min(max_batches, available)
+        total = loader.n_batches if max_batches <= 0 else min(max_batches, loader.n_batches)
         batches = (loader.next_batch() for _ in range(total))
     batches = tqdm(batches, desc="evaluating", unit="batch", total=total, disable=not progress)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if max_batches > 0 and i >= max_batches:
             break
-        out = model(x.to(device), labels=y.to(device))
+        if not isinstance(batch, Batch):
+            batch = Batch.from_windows(*batch)
+        out = model(batch.to(device))
         totals += torch.stack([out.loss_sum.double(), out.n_tokens.double(), out.n_correct.double()])
     model.train(was_training)
     if reduce is not None:

@@ -5,6 +5,9 @@
     python eval.py --ckpt out/shakespeare --task ppl --data some.txt              # a text file
     python eval.py --ckpt out/shakespeare --task ppl --data data/cache/shards/X --split train
     python eval.py --ckpt hf/SmolLM2-135M-Instruct --task ppl --data passage.txt    # an HF dir or .gguf too
+    python eval.py --ckpt out/sft-smollm2-gsm --task ppl                          # an SFT run: its held-out samples
+
+An SFT run is scored on its held-out split's learnable tokens only (the assistant replies), packed as in training.
 
 --data is a token-shard directory (made by data/prepare.py; --split picks train or val) or a text file,
 which is tokenised with the checkpoint's tokenizer and cut into windows of the training sequence length (for an
@@ -87,6 +90,18 @@ def main(argv: list[str]) -> dict:
     if seq_len > cfg.model.max_seq_len:
         raise SystemExit(f"--seq_len={seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
     d = cfg.data
+    if d.kind == "sft" and not args.data:  # the run's packed SFT split, scored on its learnable (assistant) tokens
+        from data.packing import PackedLoader
+        from data.sft import SFTShards
+
+        data = Path(d.shard_dir)
+        try:
+            batches = PackedLoader(SFTShards(data, args.split), d.max_tokens, shuffle=False, too_long="truncate")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"cannot read the run's SFT data: {e}") from None
+        with autocast_context(args.dtype, device):
+            r = evaluate(model, batches, args.batches, device, progress=True)
+        return report(args.task, source, data, r)
     data = Path(args.data or d.shard_dir or default_shard_dir(d.corpus, d.files, d.tokenizer, d.val_fraction, d.text_key))
     if data.is_dir():
         batches = TokenLoader(str(data), args.split, batch_size, seq_len, shuffle=False)

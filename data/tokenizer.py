@@ -26,7 +26,11 @@ Special and added tokens. A tokenizer's added tokens (HF's `added_tokens`, the s
 control pieces of a SentencePiece model) are matched whole in the text before BPE, the longest leftmost match first,
 as `tokenizers` does. Special ones are matched only with `encode(..., allow_special=True)` (what chat templates need);
 by default their text is encoded as ordinary text, so a corpus can never inject a control token. Non-special added
-tokens (Qwen's `<think>`) are always matched, as in `tokenizers`.
+tokens (Qwen's `<think>`) are always matched, as in `tokenizers`. `encode_parts` encodes a text made of parts of which
+only some may hold special tokens (a chat template's markup may, message contents may not: see data/chat.py).
+`add_special_tokens` adds the special tokens a chat template needs to a tokenizer that lacks them (ids from vocab_size
+on), and save_pretrained writes them, and any chat template attached through `chat_template_jinja`, so that
+transformers and load_tokenizer read the saved directory back to the same ids and template.
 
 vocab_size is exact: the largest id any token has, plus one (a model's embedding must have at least that many rows).
 """
@@ -36,7 +40,7 @@ import json
 import re
 from pathlib import Path
 
-from data.tokenizers.base import AddedToken, Tokenizer
+from data.tokenizers.base import AddedToken, Tokenizer, chat_template_from
 from data.tokenizers.byte_bpe import (ASSETS, BYTE_TO_UNICODE, CL100K_HF_PATTERN, CL100K_PATTERN, ENDOFPROMPT,
                                       ENDOFTEXT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPT2_PATTERN, GPT2_RANKS,
                                       GPT2_RANKS_SHA256, NAMED_ENCODINGS, O200K_PATTERN, R50K_PATTERN, NamedEncoding,
@@ -80,15 +84,10 @@ def _added_from_config(config: dict) -> list[AddedToken]:
 
 
 def _chat_template(directory: Path | None, config: dict) -> str | None:
-    """chat_template.jinja beside the config (how transformers >= 4.43 saves it), else tokenizer_config.json's
-    chat_template: a string, or a list of {"name", "template"} (the one named "default", else the first)."""
-    if directory is not None and (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t["name"]: t["template"] for t in template}
-        return named.get("default", template[0]["template"] if template else None)
-    return template
+    """chat_template.jinja beside the config, else tokenizer_config.json's chat_template (see chat_template_from)."""
+    jinja_file = directory / "chat_template.jinja" if directory is not None else None
+    text = jinja_file.read_text(encoding="utf-8") if jinja_file is not None and jinja_file.is_file() else None
+    return chat_template_from(config, text)
 
 
 def _post_processor_adds_bos(post: dict | None) -> bool:

@@ -300,6 +300,25 @@ def test_segments_join_to_text_and_mark_only_replies():
         assert "assistant" not in trainable.replace("<|start|>assistant", ""), template  # no role headers
 
 
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_parts_tell_message_text_from_markup(template):
+    """Content parts hold the messages' text and nothing of the template; markup holds none of the messages."""
+    from data.chat import render_parts, template_special_tokens
+    for messages in (CONVERSATIONS["three_turns"], CONVERSATIONS["awkward_text"], *(
+            [THINKING] if template in ("qwen3", "harmony") else [])):
+        parts = render_parts(messages, template)
+        contents = [text for text, _, content in parts if content and text]
+        markup = "".join(text for text, _, content in parts if not content)
+        rendered = "".join(text for text, _, _ in parts)
+        assert rendered == render(messages, template)
+        for m in messages:  # (earlier turns' reasoning is dropped; "4." and "6." are too short to be sure of)
+            for text in (m["content"], m.get("thinking")):
+                if text and text.strip() in rendered and text.strip() not in ("4.", "6."):
+                    assert any(text.strip() in c for c in contents), (template, text)
+                    assert text.strip() not in markup, (template, text)
+        assert not any(t in c for c in contents for t in template_special_tokens(template)), template
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Token ids and assistant masks with the real tokenizers
 
@@ -416,9 +435,10 @@ def test_encode_chat_without_template_says_what_to_pass():
     class Plain:  # a tokenizer with no chat template (e.g. GPT-OSS's tokenizer.json, or GPT-2)
         name = "plain"
 
-        def encode(self, text, allow_special=False):
-            return list(text.encode())
-    with pytest.raises(ValueError, match="has no chat template; pass one by name, e.g. template='chatml'"):
+        def encode_parts(self, parts):
+            return list("".join(text for text, _ in parts).encode())
+    with pytest.raises(ValueError, match="has no chat template; pass one by name, e.g. template='chatml' "
+                                         "\\(data.chat_template=\"chatml\""):
         encode_chat(Plain(), CONVERSATIONS["one_turn"])
     Plain.chat_template_jinja = "{{ messages[0]['content'] }}"
     with pytest.raises(ValueError, match="none of ours"):

@@ -295,6 +295,40 @@ def test_save_pretrained_copies_hf_files(hf_json, mistral, tmp_path):
     check_saved(mistral[0], tmp_path / "mistral", with_specials(SPECIALS["llama2"]), decode_like_hf=False)
 
 
+@pytest.mark.parametrize("name", ["qwen2", "llama2", "mistral-v1.model"])
+def test_added_special_tokens_are_saved_and_loaded_by_transformers(tok_dir, tmp_path, name):
+    """Special tokens added after loading (a chat template's missing ones) get ids from vocab_size on, are matched
+    and decoded, and survive save_pretrained for transformers and for us, with a chat template attached."""
+    tok = load_tokenizer(tok_dir / name)
+    size, known = tok.vocab_size, list(tok.special_tokens)[0]
+    new = ["<|turn|>", "<|stop turn|>"]
+    assert tok.add_special_tokens([*new, known]) == [size, size + 1, tok.special_tokens[known]]
+    assert tok.vocab_size == size + 2 and tok.add_special_tokens(new[1:]) == [size + 1]
+    ids = tok.encode("<|turn|>hi<|stop turn|>", allow_special=True)
+    assert size in ids and size + 1 in ids and size not in tok.encode("<|turn|>hi")
+    tok.chat_template_jinja = "{% for m in messages %}<|turn|>{{ m['content'] }}<|stop turn|>{% endfor %}"
+    check_saved(tok, tmp_path / name, with_specials([*new, known]), decode_like_hf=name != "mistral-v1.model")
+    back = load_tokenizer(tmp_path / name)
+    assert back.chat_template_jinja == tok.chat_template_jinja and back.special_tokens == tok.special_tokens
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
+    assert hf.convert_tokens_to_ids(new) == [size, size + 1] and len(hf) == size + 2
+
+
+def test_encode_parts_matches_special_tokens_only_where_allowed():
+    tj = tiny_tokenizer_json(TINY_MERGES, TINY_IDS, TINY_ADDED)
+    ours = tokenizer_from_json(tj, "tiny")
+    whole = ours.encode(TINY_TEXT, allow_special=True)
+    inside = {i for t in TINY_ADDED for k in range(len(TINY_TEXT)) if TINY_TEXT.startswith(t["content"], k)
+              for i in range(k + 1, k + len(t["content"]))}
+    for cut in sorted(set(range(len(TINY_TEXT) + 1)) - inside):  # lstrip / rstrip reach across the cut
+        assert ours.encode_parts([(TINY_TEXT[:cut], True), (TINY_TEXT[cut:], True)]) == whole, cut
+    assert ours.encode_parts([(TINY_TEXT, False)]) == ours.encode(TINY_TEXT)
+    ids = ours.encode_parts([("the cat", True), (" <|a|> hé", False), (" <|b|>  x", True)])
+    assert 600 not in ids and 601 in ids and 650 in ids  # the non-special added token matches everywhere
+    assert ids == ours.encode("the cat <|a|> hé ") + [601] + ours.encode("x")  # <|b|> swallows the spaces after it
+    assert ours.encode_parts([("<|a", True), ("|>", True)]) == ours.encode("<|a|>")  # a token lies within one part
+
+
 # ---------------------------------------------------------------- hand-made tokenizers (no shared assets needed)
 
 BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}

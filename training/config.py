@@ -77,7 +77,7 @@ class ScheduleConfig:
 @dataclass
 class EvalConfig:
     interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
-    batches: int = 20  # validation batches per evaluation
+    batches: int = 20  # validation batches per evaluation (0 = the whole split); for sft, micro-batches of each process
     at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune is compared against)
 
 

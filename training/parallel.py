@@ -145,8 +145,10 @@ def parallelize(model: nn.Module, d: Dist, param_dtype: torch.dtype, reduce_dtyp
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.layers:
         fully_shard(block, mesh=d.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # the root's group (embedding, norm, head) is needed right after the last block: keep it gathered
-    fully_shard(model, mesh=d.mesh, mp_policy=policy, reshard_after_forward=False)
+    # the root's group (embedding, norm, head) is needed right after the last block: keep it gathered. Its inputs
+    # (a model.batch.Batch) are not cast: per-token loss weights stay fp32 (the blocks still cast their inputs)
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    fully_shard(model, mesh=d.mesh, mp_policy=root_policy, reshard_after_forward=False)
     for group in (*model.layers, model):
         # sum the ranks' gradients, each objective being already a share of the global mean; a plain SUM, as
         # gloo has no pre-multiplied sum

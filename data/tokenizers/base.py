@@ -1,7 +1,9 @@
 """The tokenizer interface: `Tokenizer`, the base class every back end fills in, and `AddedToken`, a token matched
-whole in the text before BPE. The base class does what all back ends share: added-token matching, BOS / EOS,
+whole in the text before BPE. The base class does what all back ends share: added-token matching (in one text, or in
+a text made of parts of which only some may hold special tokens), BOS / EOS, special tokens added after loading,
 chat templates, save_pretrained."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -34,7 +36,8 @@ class Tokenizer:
     (largest id + 1), bos_id / eos_id / pad_id (None when the tokenizer has no such token), stop_ids (every id that
     ends a generation, eos_id first), add_bos (whether the model's own tokenizer prepends BOS by default),
     special_tokens ({text: id} of the special added tokens), added_tokens (all of them, special or not), and
-    chat_template_jinja (the jinja chat template from tokenizer_config.json, or None).
+    chat_template_jinja (the jinja chat template from tokenizer_config.json, or None; set it to attach another one,
+    e.g. data.chat.template_jinja("chatml"), which save_pretrained writes into tokenizer_config.json).
     """
 
     name: str
@@ -48,6 +51,12 @@ class Tokenizer:
 
     def __init__(self, name: str, added: list[AddedToken], normalizer: Callable[[str], str] | None = None):
         self.name = name
+        self._normalizer = normalizer
+        self._index_added(added)
+        self._appended: list[AddedToken] = []  # added by add_special_tokens, for save_pretrained to write
+        self.stop_ids = []
+
+    def _index_added(self, added: list[AddedToken]) -> None:
         self.added_tokens = sorted(added, key=lambda t: t.id)
         self.special_tokens = {t.content: t.id for t in self.added_tokens if t.special}
         self._added_by_id: dict[int, AddedToken] = {}
@@ -55,11 +64,9 @@ class Tokenizer:
         for t in self.added_tokens:
             self._added_by_id.setdefault(t.id, t)  # an id with two spellings decodes to the first one listed
             self._added_by_text.setdefault(t.content, t)
-        self._normalizer = normalizer
         self._raw_match = self._matcher([t for t in added if not t.normalized], lambda s: s)
-        self._norm_match = self._matcher([t for t in added if t.normalized], normalizer or (lambda s: s))
+        self._norm_match = self._matcher([t for t in added if t.normalized], self._normalizer or (lambda s: s))
         self._always_match = any(not t.special for t in added)  # non-special added tokens match even for corpora
-        self.stop_ids = []
 
     # ---- encoding -------------------------------------------------------------------------------------------------
 
@@ -69,12 +76,7 @@ class Tokenizer:
         allow_special=False: special-token text inside `text` is encoded as ordinary text (for corpora).
         allow_special=True: it becomes the special token's id, as HF `tokenizers` does (for chat templates).
         """
-        ids = []
-        for i, piece in enumerate(self._split_added(text, allow_special)):
-            if isinstance(piece, AddedToken):
-                ids.append(piece.id)
-            else:
-                ids += self._encode_chunk(piece, first=i == 0)
+        ids = self._encode_pieces(self._split_added(text, allow_special))
         if bos:
             if self.bos_id is None:
                 raise ValueError(f"tokenizer {self.name!r} has no BOS token")
@@ -85,9 +87,38 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_parts(self, parts: list[tuple[str, bool]]) -> list[int]:
+        """Token ids of the parts' texts joined into one text, special tokens matched only inside the parts whose
+        allow_special (the second item) is True: a chat template's own markup allows them, message contents do not.
+
+        The text between two added tokens is encoded as one chunk whatever parts it spans, so where no part holds
+        special-token text that it may not use, the ids are those of encode("".join(texts), allow_special=True). An
+        added token must lie within one part; an lstrip / rstrip token swallows whitespace across part boundaries,
+        as it does in the joined text. (Special tokens matched in normalized text, which none of the supported
+        tokenizers has, are matched only in chunks made wholly of parts that allow them.)"""
+        return self._encode_pieces(self._split_parts(parts))
+
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """encode() of each text, no BOS / EOS."""
         return [self.encode(t, allow_special=allow_special) for t in texts]
+
+    def add_special_tokens(self, texts: list[str]) -> list[int]:
+        """The ids of `texts` as added tokens, adding the ones the tokenizer lacks as special tokens (matched only
+        with allow_special, raw text, no stripping), as transformers' add_special_tokens does: a text in the
+        vocabulary keeps its id there, any other gets the next id from vocab_size up, and vocab_size grows. Texts
+        that are added tokens already keep their ids. save_pretrained writes the new ones into tokenizer.json's
+        added_tokens and tokenizer_config.json's added_tokens_decoder; a model's embedding must grow to vocab_size."""
+        ids = []
+        for text in texts:
+            t = self._added_by_text.get(text)
+            if t is None:
+                vocab_id = self._vocab_id(text)
+                t = AddedToken(text, self.vocab_size if vocab_id is None else vocab_id)
+                self._appended.append(t)
+                self._index_added([*self.added_tokens, t])
+                self.vocab_size = max(self.vocab_size, t.id + 1)
+            ids.append(t.id)
+        return ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Text of `ids` (special tokens as their text unless skip_special); invalid UTF-8 becomes U+FFFD."""
@@ -103,7 +134,7 @@ class Tokenizer:
         """Write tokenizer files that transformers' AutoTokenizer and our load_tokenizer both load to the same ids."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for fname, content in self._hf_files().items():
+        for fname, content in self._with_changes(self._hf_files()).items():
             if isinstance(content, Path):
                 shutil.copyfile(content, out / fname)
             elif isinstance(content, dict):
@@ -112,17 +143,58 @@ class Tokenizer:
                 (out / fname).write_text(content, encoding="utf-8")
         return out
 
+    def _with_changes(self, files: dict[str, Path | dict | str]) -> dict[str, Path | dict | str]:
+        """The files with what changed since loading: tokens from add_special_tokens in tokenizer.json and in
+        tokenizer_config.json's added_tokens_decoder, and chat_template_jinja in tokenizer_config.json's
+        chat_template when it is not the template the files hold (a chat_template.jinja beside it is then left
+        out, since it would win)."""
+        files = dict(files)
+        if self._appended and "tokenizer.json" in files:
+            tokenizer_json = _as_dict(files["tokenizer.json"])
+            listed = {t["id"] for t in tokenizer_json.get("added_tokens", [])}
+            tokenizer_json["added_tokens"] = [*tokenizer_json.get("added_tokens", []), *(
+                dataclasses.asdict(t) for t in self._appended if t.id not in listed)]
+            files["tokenizer.json"] = tokenizer_json
+        config, changed = _as_dict(files.get("tokenizer_config.json", {})), False
+        if self._appended:
+            config["added_tokens_decoder"] = dict(config.get("added_tokens_decoder", {})) | {
+                str(t.id): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                            "single_word": t.single_word, "special": t.special} for t in self._appended}
+            changed = True
+        jinja_file = files.get("chat_template.jinja")
+        if isinstance(jinja_file, Path):
+            jinja_file = jinja_file.read_text(encoding="utf-8")
+        if chat_template_from(config, jinja_file) != self.chat_template_jinja:
+            files.pop("chat_template.jinja", None)
+            config.pop("chat_template", None)
+            if self.chat_template_jinja is not None:
+                config["chat_template"] = self.chat_template_jinja
+            changed = True
+        if changed:
+            files["tokenizer_config.json"] = config
+        return files
+
     # ---- chat templates ---------------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], template: str | None = None,
                             add_generation_prompt: bool = False, **options) -> "data.chat.ChatEncoding":
-        """data.chat.encode_chat(self, ...): the conversation's ids, assistant mask and text. template None: the one
-        detected from `chat_template_jinja`; a name ("chatml", "llama3", "harmony", ... see data.chat.TEMPLATES)
-        attaches one to a tokenizer that ships none."""
+        """data.chat.encode_chat(self, ...): the conversation's ids, assistant mask and text. template None or
+        "auto": the one detected from `chat_template_jinja`; a name ("chatml", "llama3", "harmony", ... see
+        data.chat.TEMPLATES) or a jinja file for a tokenizer that ships none. options: train_on=,
+        special_tokens_in_content=, and the template's own (default_system=, reasoning_effort=, ...)."""
         from data.chat import encode_chat  # data.chat renders; this class only carries the jinja and encodes
         return encode_chat(self, messages, template, add_generation_prompt, **options)
 
     # ---- for the back ends ----------------------------------------------------------------------------------------
+
+    def _encode_pieces(self, pieces: list) -> list[int]:
+        ids = []
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, AddedToken):
+                ids.append(piece.id)
+            else:
+                ids += self._encode_chunk(piece, first=i == 0)
+        return ids
 
     def _encode_chunk(self, text: str, first: bool) -> list[int]:
         """Ids of normalized text holding no added token; `first`: the chunk starts the whole text."""
@@ -146,27 +218,49 @@ class Tokenizer:
         return re.compile("|".join(map(re.escape, texts))), by_text
 
     def _split_added(self, text: str, allow_special: bool) -> list:
-        """The text cut into normalized chunks (str) and added tokens (AddedToken), as HF's AddedVocabulary does it:
-        tokens with normalized=False are found in the raw text, the rest is normalized, then tokens with
-        normalized=True are found in the normalized chunks."""
+        """The text cut into normalized chunks (str) and added tokens (AddedToken): _split_parts of one part."""
         if not (allow_special or self._always_match):
             return [self._normalizer(text) if self._normalizer else text] if text else []
-        pieces = []
-        for piece in self._find_added(text, self._raw_match, allow_special):
-            if isinstance(piece, AddedToken):
-                pieces.append(piece)
-            else:
-                pieces += self._find_added(self._normalizer(piece) if self._normalizer else piece,
-                                           self._norm_match, allow_special)
+        return self._split_parts([(text, allow_special)])
+
+    def _split_parts(self, parts: list[tuple[str, bool]]) -> list:
+        """Texts, each allowing special tokens or not, cut into normalized chunks (str) and added tokens
+        (AddedToken), as HF's AddedVocabulary cuts their joined text: tokens with normalized=False are found in the
+        raw text, the text between them is normalized, then tokens with normalized=True are found in it."""
+        pieces, raw, raw_allows, strip_next = [], "", True, False
+
+        def flush():
+            if raw:
+                pieces.extend(self._find_added(self._normalizer(raw) if self._normalizer else raw, self._norm_match,
+                                               raw_allows))
+        joined, end = "".join(text for text, _ in parts), 0
+        for text, allow_special in parts:
+            start, end = end, end + len(text)
+            for piece in self._find_added(joined, self._raw_match, allow_special, start, end):
+                if isinstance(piece, AddedToken):
+                    if piece.lstrip:  # the whitespace before it may end an earlier part
+                        raw = raw[:_TRAILING_WS.search(raw).start()]
+                    flush()
+                    pieces.append(piece)
+                    raw, raw_allows, strip_next = "", True, piece.rstrip
+                    continue
+                if strip_next:  # ... and the whitespace after it may start a later one
+                    piece = piece[_LEADING_WS.match(piece).end():]
+                    strip_next = not piece
+                raw, raw_allows = raw + piece, raw_allows and (allow_special or not piece)
+        flush()
         return pieces
 
     @staticmethod
-    def _find_added(text: str, matcher, allow_special: bool) -> list:
+    def _find_added(text: str, matcher, allow_special: bool, start: int = 0, end: int | None = None) -> list:
+        """text[start:end] cut into added tokens and the text between them; the characters around it count for
+        single_word, as they do in the whole text."""
+        end = len(text) if end is None else end
         if matcher is None:
-            return [text] if text else []
+            return [text[start:end]] if end > start else []
         regex, by_text = matcher
-        pieces, start = [], 0
-        for m in regex.finditer(text):
+        pieces = []
+        for m in regex.finditer(text, start, end):
             t, a, b = by_text[m.group()], m.start(), m.end()
             if t.special and not allow_special:
                 continue
@@ -176,13 +270,13 @@ class Tokenizer:
             if t.lstrip:
                 a = max(start, _TRAILING_WS.search(text, 0, a).start())
             if t.rstrip:
-                b = _LEADING_WS.match(text, b).end()
+                b = _LEADING_WS.match(text, b, end).end()
             if a > start:
                 pieces.append(text[start:a])
             pieces.append(t)
             start = b
-        if start < len(text):
-            pieces.append(text[start:])
+        if start < end:
+            pieces.append(text[start:end])
         return pieces
 
     def _token_text(self, token_id: int | None) -> str | None:
@@ -209,3 +303,23 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id})")
+
+
+def _as_dict(content: Path | dict | str) -> dict:
+    """A JSON file's content (a path, a parsed dict, or text) as a dict of its own, to change."""
+    if isinstance(content, Path):
+        content = content.read_text(encoding="utf-8")
+    return json.loads(content) if isinstance(content, str) else copy.deepcopy(content)
+
+
+def chat_template_from(config: dict, jinja_file: str | None = None) -> str | None:
+    """The chat template of a tokenizer: chat_template.jinja's text when there is one (how transformers >= 4.43
+    saves it), else tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the one
+    named "default", else the first)."""
+    if jinja_file is not None:
+        return jinja_file
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default", template[0]["template"] if template else None)
+    return template

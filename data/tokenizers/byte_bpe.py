@@ -98,6 +98,12 @@ class TiktokenTokenizer(Tokenizer):
         self._added_bytes = {t.id: t.content.encode() for t in reversed(self.added_tokens)} | (added_bytes or {})
         self.hf_pattern, self.hf_files = hf_pattern, hf_files
 
+    def add_special_tokens(self, texts: list[str]) -> list[int]:
+        ids = super().add_special_tokens(texts)
+        for t in self._appended:
+            self._added_bytes.setdefault(t.id, t.content.encode())
+        return ids
+
     @property
     def pattern(self) -> str:
         """The encoding's pre-tokenizer regex."""

@@ -4,12 +4,13 @@
     batch = loader.next_batch()          # model.batch.Batch: one row (1, T <= 16384) of whole samples end to end,
                                          # cu_seqlens and positions restarting at 0 at every sample
     loader.total_steps(epochs=2, world_size=8, grad_accum=4)   # optimizer steps in two passes, before training
+    bins = plan_epoch(lengths, max_tokens=16384, seed=0, epoch=3)  # the plan alone: lists of indices into lengths
 
 The dataset is anything with n_samples, lengths (int64, sample i has lengths[i] aligned (input, label) positions),
 sample(i) -> (input_ids, labels) int64 arrays of that length, and fingerprint (data/sft.py's SFTShards).
 
-Planning an epoch (shuffle=True). Everything comes from one generator, np.random.default_rng([seed, epoch]), so a
-plan depends on (seed, epoch) alone and is recomputed identically anywhere:
+Planning an epoch (shuffle=True; plan_epoch). Everything comes from one generator, np.random.default_rng([seed,
+epoch]), so a plan depends on (seed, epoch) alone and is recomputed identically anywhere:
   1. the samples are shuffled;
   2. the shuffled order is cut into groups of about group_bins x max_tokens tokens (default 256 budgets' worth),
      so the packer's working set stays small and a sample's place in the epoch stays random rather than sorted by
@@ -24,7 +25,7 @@ Every kept sample lands in exactly one bin per epoch and no bin holds more than 
 wastes is mostly the last, partly filled bin of each group, so groups of 256 budgets keep the loss near 0.5%:
 tests/test_packing.py asserts >= 98% at 16,384 tokens on GSM-like and long-tailed lengths, and bench/packing.py
 prints 99.5% (GSM lengths, 40,000 samples) and 99.7% (lognormal) beside the best any plan can reach. A dataset of
-a few budgets' worth is bounded by its last bin instead. Planning 100,000 samples takes well under a second. Plans
+a few budgets' worth is bounded by its last bin instead. Planning 100,000 samples takes about 60 ms (2-core CPU). Plans
 are computed on first use and the two most recent are kept, with the bin count of every epoch planned so far.
 
 Validation (shuffle=False): the samples in their own order, a new bin whenever the next one does not fit in the
@@ -107,6 +108,24 @@ def next_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+def plan_epoch(lengths: np.ndarray, max_tokens: int, seed: int, epoch: int,
+               group_bins: int = GROUP_BINS) -> list[np.ndarray]:
+    """Epoch `epoch`'s bins of positions into `lengths` (each <= max_tokens), from np.random.default_rng([seed, epoch])
+    alone: shuffle, cut into groups of about group_bins x max_tokens tokens, best-fit decreasing within each group,
+    then the bins shuffled (module docstring). Every position lands in exactly one bin; no bin exceeds max_tokens."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    shuffled = lengths[order]
+    group = (np.cumsum(shuffled) - shuffled) // (group_bins * max_tokens)  # by each sample's first token
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    bins = []
+    for start, end in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist()):
+        members = order[start:end]
+        bins += [members[b] for b in best_fit_decreasing(shuffled[start:end], max_tokens)]
+    return [bins[b] for b in rng.permutation(len(bins))]
+
+
 class Plan:
     """One epoch's bins: the sample indices of bin b are members[offsets[b]:offsets[b + 1]]."""
 
@@ -184,16 +203,8 @@ class PackedLoader:
     def _make_plan(self, epoch: int) -> Plan:
         if not self.shuffle:
             return Plan([self.kept[b] for b in next_fit(self.lengths[self.kept], self.max_tokens)])
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.kept)
-        lengths = self.lengths[order]
-        group = (np.cumsum(lengths) - lengths) // (self.group_bins * self.max_tokens)  # by each sample's first token
-        cuts = np.flatnonzero(np.diff(group)) + 1
-        bins = []
-        for start, end in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist()):
-            members = order[start:end]
-            bins += [members[b] for b in best_fit_decreasing(lengths[start:end], self.max_tokens)]
-        return Plan([bins[b] for b in rng.permutation(len(bins))])
+        bins = plan_epoch(self.lengths[self.kept], self.max_tokens, self.seed, epoch, self.group_bins)
+        return Plan([self.kept[b] for b in bins])  # positions among the kept samples -> sample indices
 
     def bins_in_epoch(self, epoch: int) -> int:
         """Micro-batches (bins) in that epoch's plan, all ranks together (empty validation slots not counted)."""

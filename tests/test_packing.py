@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.packing import PackedLoader, best_fit_decreasing
+from data.packing import PackedLoader, best_fit_decreasing, plan_epoch
 from model import LLAMA_CONFIGS, build_model
 from model.batch import IGNORE_INDEX
 
@@ -102,6 +102,29 @@ def test_plans_are_deterministic_and_differ_between_epochs_and_seeds():
     assert plan_bins(a, 0) != plan_bins(a, 1)
     assert plan_bins(a, 0) != plan_bins(PackedLoader(data, 2048, seed=6), 0)
     assert sorted(map(sorted, plan_bins(a, 0))) != sorted(map(sorted, plan_bins(a, 1)))  # other bins, not reordered
+
+
+def test_plan_epoch_is_the_loaders_plan_of_the_kept_samples():
+    lengths = np.r_[gsm_like(2000), 5000, 3000]  # samples 2000 and 2001 are longer than the budget
+    bins = plan_epoch(np.minimum(lengths, 2048), 2048, seed=4, epoch=2)
+    assert [b.tolist() for b in bins] == [b.tolist() for b in plan_epoch(np.minimum(lengths, 2048), 2048, 4, 2)]
+    assert [b.tolist() for b in bins] == plan_bins(PackedLoader(FakeSFT(lengths), 2048, 4, too_long="truncate"), 2)
+    kept = np.arange(2000)
+    dropped = [kept[b].tolist() for b in plan_epoch(lengths[kept], 2048, seed=4, epoch=2)]
+    assert dropped == plan_bins(PackedLoader(FakeSFT(lengths), 2048, 4, too_long="drop"), 2)
+
+
+def test_each_bin_holds_samples_of_one_group_of_the_shuffled_order():
+    lengths, budget, group_bins = gsm_like(3000), 2048, 4
+    order = np.random.default_rng([7, 1]).permutation(len(lengths))  # the plan's shuffle, its first draw
+    start = np.cumsum(lengths[order]) - lengths[order]
+    group = np.empty(len(lengths), np.int64)
+    group[order] = start // (group_bins * budget)  # sample -> group of its first token in the shuffled order
+    bins = plan_epoch(lengths, budget, seed=7, epoch=1, group_bins=group_bins)
+    assert all(len(set(group[b].tolist())) == 1 for b in bins)
+    assert len({int(group[b[0]]) for b in bins}) == group.max() + 1 > 50
+    firsts = [int(group[b[0]]) for b in bins]
+    assert firsts != sorted(firsts)  # the bins are shuffled, not left in group order
 
 
 @pytest.mark.parametrize("lengths", [gsm_like(), long_tailed()], ids=["gsm_like", "long_tailed"])

@@ -461,6 +461,8 @@ def _resolve(tokenizer, template: str | None) -> tuple[str, str | None]:
     if template is None or template == "auto":
         jinja = getattr(tokenizer, "chat_template_jinja", None)
         name = detect_template(jinja)
+        if name is None and not jinja and getattr(tokenizer, "chat_template_name", None) in TEMPLATES:
+            return tokenizer.chat_template_name, None  # named by whoever loaded it (a run's data.chat_template)
         if name is None:
             reason = "has no chat template" if not jinja else "has a chat template that is none of ours"
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} {reason}; pass one by name, e.g. "

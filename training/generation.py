@@ -149,6 +149,8 @@ def load_for_inference(path: str, device: torch.device, dtype: str = "auto", **o
         model, cfg = load_model(ckpt, device, **overrides)
         model.to(torch_dtype)
         tokenizer = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer != "auto" else "gpt2")
+        if cfg.data.kind == "sft":  # the template it was fine-tuned in, for a template that has no jinja of ours
+            tokenizer.chat_template_name = cfg.data.chat_template
     else:
         model = from_pretrained(path, device=device, dtype=torch_dtype, **overrides)
         tokenizer = load_tokenizer(resolve_model_dir(path))

@@ -48,6 +48,7 @@ class Tokenizer:
     stop_ids: list[int]
     add_bos: bool = False
     chat_template_jinja: str | None = None
+    chat_template_name: str | None = None  # a data.chat template by name, used when there is no jinja (a run's own)
 
     def __init__(self, name: str, added: list[AddedToken], normalizer: Callable[[str], str] | None = None):
         self.name = name

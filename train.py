@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
     if built.state is not None:
         train_data.load_state_dict(built.state["data"])
         total_tokens = built.state.get("tokens", step * d.batch_size * d.seq_len * d.grad_accum)
-    run_info, logger = setup.open_run(cfg, dist, argv)
+    _, logger = setup.open_run(cfg, dist, argv)  # config.json and metrics.jsonl (rank 0)
     fwd = torch.compile(model) if cfg.compile else model
 
     # ---- the loop

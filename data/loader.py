@@ -47,6 +47,20 @@ class ShardError(ValueError):
         return f"{self.path}: {self.problem}; {PREPARE_AGAIN}"
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` (a shard directory's meta.json); ShardError naming it when it is not UTF-8, not
+    valid JSON, or not an object."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardError(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ShardError(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_meta(shard_dir: str | Path) -> dict:
     """meta.json of a token-shard directory, checked (see the module docstring); FileNotFoundError when there is
     none, ShardError when it is damaged, of another format version, or inconsistent."""
@@ -54,14 +68,7 @@ def read_meta(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no token shards in {shard_dir} (no meta.json); make them with "
                                 f"`python -m data.prepare CORPUS --out {shard_dir}`")
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ShardError(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ShardError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(meta, dict):
-        raise ShardError(path, f"holds a JSON {type(meta).__name__}, not an object")
+    meta = read_json_object(path)
     if meta.get("version") != META_VERSION:
         raise ShardError(path, f"format version {meta.get('version')!r}, this version reads {META_VERSION}")
     vocab, dtype = meta.get("vocab_size"), meta.get("dtype")

@@ -52,7 +52,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -499,17 +499,54 @@ def ensure_prepared(corpus: str, shard_dir: str, tokenizer: str = "gpt2", files:
         return meta
     print(f"{shard_dir}: {why}; preparing it again" if why else f"preparing token shards in {shard_dir}",
           file=sys.stderr)
+    with preparing(shard_dir):
+        return prepare(corpus, shard_dir, tokenizer=tokenizer, files=files, val_fraction=val_fraction,
+                       text_key=text_key, workers=workers, shard_tokens=shard_tokens, skip_bad_files=skip_bad_files)
+
+
+@contextlib.contextmanager
+def preparing(shard_dir: str | Path):
+    """Around the preparation of shard_dir (token or SFT shards): clears an earlier failure note (failure_note, a
+    file of ours beside the directory), and writes one if the preparation raises, for wait_until_prepared to read."""
     note = failure_note(shard_dir)
     note.unlink(missing_ok=True)
     try:
-        return prepare(corpus, shard_dir, tokenizer=tokenizer, files=files, val_fraction=val_fraction,
-                       text_key=text_key, workers=workers, shard_tokens=shard_tokens, skip_bad_files=skip_bad_files)
+        yield
     except BaseException as e:
         with contextlib.suppress(OSError):
             note.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(note, f"{socket.gethostname()} pid {os.getpid()} at {time.strftime('%H:%M:%S')}: "
                                     f"{type(e).__name__}: {e}\n")
         raise
+
+
+def wait_until_prepared(shard_dir: str | Path, current: Callable[[], dict | None], what: str, hint: str,
+                        poll_s: float, report_s: float, timeout_s: float | None) -> dict:
+    """current() (meta.json, or None while shard_dir is not yet what is wanted) once it is not None, polling every
+    poll_s seconds with no collective and printing a line (ending with `hint`) every report_s seconds. `what` names
+    the shards in messages ("token shards"). RuntimeError when the preparing process leaves a failure note after
+    this began to wait; TimeoutError after timeout_s (None: never)."""
+    note = failure_note(shard_dir)
+    seen = _read_note(note)  # a note already there is an earlier run's
+    t0 = time.monotonic()
+    next_report = t0 + min(report_s, 10 * poll_s)
+    while True:
+        meta = current()
+        if meta is not None:
+            return meta
+        failed = _read_note(note)
+        if failed is not None and failed != seen:
+            raise RuntimeError(f"the process preparing the {what} in {shard_dir} failed: {failed.strip()} "
+                               f"(from {note}); fix what it names and run again")
+        waited = time.monotonic() - t0
+        if timeout_s is not None and waited > timeout_s:
+            raise TimeoutError(f"no complete {what} in {shard_dir} after waiting {waited:.0f} s for another "
+                               f"process to prepare them; see its output")
+        if time.monotonic() >= next_report:
+            print(f"waiting for the {what} in {shard_dir} (rank 0 prepares them): {waited:.0f} s so far. {hint}",
+                  file=sys.stderr)
+            next_report += report_s
+        time.sleep(poll_s)
 
 
 def wait_for_prepared(corpus: str, shard_dir: str, tokenizer: str = "gpt2", files: str = "*",
@@ -526,28 +563,10 @@ def wait_for_prepared(corpus: str, shard_dir: str, tokenizer: str = "gpt2", file
     one exits with an error; with a launcher that does not, pass timeout_s."""
     settings = _wanted(corpus, tokenizer, files, val_fraction, text_key, shard_tokens)
     now = corpus_files_now(corpus, files)  # once: the corpus does not change while it is being prepared
-    note = failure_note(shard_dir)
-    seen = _read_note(note)  # a note already there is an earlier run's
-    t0 = time.monotonic()
-    next_report = t0 + min(report_s, 10 * poll_s)
-    while True:
-        meta, _ = check_prepared(shard_dir, settings, now, skip_bad_files)
-        if meta is not None:
-            return meta
-        failed = _read_note(note)
-        if failed is not None and failed != seen:
-            raise RuntimeError(f"the process preparing the token shards in {shard_dir} failed: {failed.strip()} "
-                               f"(from {note}); fix what it names and run again")
-        waited = time.monotonic() - t0
-        if timeout_s is not None and waited > timeout_s:
-            raise TimeoutError(f"no complete token shards in {shard_dir} after waiting {waited:.0f} s for another "
-                               f"process to prepare them; see its output")
-        if time.monotonic() >= next_report:
-            print(f"waiting for the token shards in {shard_dir} (rank 0 prepares them): {waited:.0f} s so far. On "
-                  f"several nodes this directory must be on a filesystem they share; if it is not, prepare it on "
-                  f"each node first (python -m data.prepare ... --out {shard_dir})", file=sys.stderr)
-            next_report += report_s
-        time.sleep(poll_s)
+    return wait_until_prepared(
+        shard_dir, lambda: check_prepared(shard_dir, settings, now, skip_bad_files)[0], "token shards",
+        f"On several nodes this directory must be on a filesystem they share; if it is not, prepare it on each node "
+        f"first (python -m data.prepare ... --out {shard_dir})", poll_s, report_s, timeout_s)
 
 
 def _read_note(note: Path) -> str | None:

@@ -63,7 +63,6 @@ a data.loader.ShardError naming the file. lengths[i] is sample i's tokens minus 
 fingerprint (the key and the split) lets a resumed run check that it reads the same samples.
 """
 
-import contextlib
 import functools
 import glob
 import hashlib
@@ -71,7 +70,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from collections import Counter
@@ -82,10 +80,10 @@ import numpy as np
 
 from data import chat
 from data.chat import TEMPLATES, detect_template, encode_chat
-from data.loader import TOKEN_DTYPES, ShardError
-from data.prepare import failure_note, token_dtype
+from data.loader import TOKEN_DTYPES, ShardError, read_json_object
+from data.prepare import preparing, token_dtype, wait_until_prepared
 from data.tokenizer import Tokenizer, load_tokenizer
-from model.files import cache_dir, output_dir, write_text_atomic
+from model.files import cache_dir, output_dir
 
 SFT_VERSION = 1  # the layout of an SFT shard directory (meta.json + <split>.bin/.mask/.idx)
 KIND = "sft-shards"  # the output_dir kind of an SFT shard directory
@@ -588,57 +586,22 @@ def prepare_sft(corpus: str, shard_dir: str | Path, **args) -> dict:
         return meta
     print(f"{shard_dir}: {why}; preparing it again" if why else f"preparing SFT shards in {shard_dir}",
           file=sys.stderr)
-    note = failure_note(shard_dir)
-    note.unlink(missing_ok=True)
-    try:
-        with output_dir(shard_dir, KIND, overwrite=True) as tmp:
-            meta = _prepare(plan, tmp)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            note.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(note, f"{socket.gethostname()} pid {os.getpid()} at {time.strftime('%H:%M:%S')}: "
-                                    f"{type(e).__name__}: {e}\n")
-        raise
+    with preparing(shard_dir), output_dir(shard_dir, KIND, overwrite=True) as tmp:
+        meta = _prepare(plan, tmp)
     if meta["skipped"]:
         print(f"{shard_dir}: skipped {meta['skipped']}" + "".join(f"\n  {x}" for x in meta["skipped_examples"]),
               file=sys.stderr)
     return meta
 
 
-def _read_note(note: Path) -> str | None:
-    try:
-        return note.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def wait_for_sft(corpus: str, shard_dir: str | Path, poll_s: float = 1.0, report_s: float = 60.0,
                  timeout_s: float | None = None, **args) -> dict:
     """meta.json of shard_dir once another process (rank 0, in prepare_sft with the same args) has it current.
-    Polls every poll_s seconds with no collective; RuntimeError when that process leaves a failure note after this
-    began to wait, TimeoutError after timeout_s (None: never)."""
-    plan = _plan(corpus, **args)
-    note = failure_note(shard_dir)
-    seen = _read_note(note)  # a note already there is an earlier run's
-    t0 = time.monotonic()
-    next_report = t0 + report_s
-    while True:
-        meta, _ = _current(shard_dir, plan.key)
-        if meta is not None:
-            return meta
-        failed = _read_note(note)
-        if failed is not None and failed != seen:
-            raise RuntimeError(f"the process preparing the SFT shards in {shard_dir} failed: {failed.strip()} "
-                               f"(from {note}); fix what it names and run again")
-        waited = time.monotonic() - t0
-        if timeout_s is not None and waited > timeout_s:
-            raise TimeoutError(f"no current SFT shards in {shard_dir} after waiting {waited:.0f} s for another "
-                               "process to prepare them; see its output")
-        if time.monotonic() >= next_report:
-            print(f"waiting for the SFT shards in {shard_dir} (rank 0 prepares them): {waited:.0f} s so far; on "
-                  "several nodes it must be on a filesystem they share", file=sys.stderr)
-            next_report += report_s
-        time.sleep(poll_s)
+    Polls every poll_s seconds with no collective (data.prepare.wait_until_prepared); RuntimeError when that process
+    leaves a failure note after this began to wait, TimeoutError after timeout_s (None: never)."""
+    key = _plan(corpus, **args).key
+    return wait_until_prepared(shard_dir, lambda: _current(shard_dir, key)[0], "SFT shards",
+                               "On several nodes it must be on a filesystem they share.", poll_s, report_s, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -651,14 +614,7 @@ def read_sft_meta(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"no SFT shards in {shard_dir} (no meta.json); train.py prepares them (data.kind=sft)")
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ShardError(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ShardError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(meta, dict):
-        raise ShardError(path, f"holds a JSON {type(meta).__name__}, not an object")
+    meta = read_json_object(path)
     if meta.get("kind") != "sft" or meta.get("version") != SFT_VERSION:
         raise ShardError(path, f"not SFT shards of version {SFT_VERSION} (kind {meta.get('kind')!r}, version "
                                f"{meta.get('version')!r})")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data import sft
+from data.prepare import failure_note
 from data.loader import ShardError
 from data.sft import SFTDataError, SFTShards, detect_format, prepare_sft, sft_shard_dir, to_messages, wait_for_sft
 from data.tokenizer import load_tokenizer
@@ -408,7 +409,7 @@ def test_wait_for_sft_returns_current_shards_and_reports_a_failure(tmp_path):
         wait_for_sft(str(path), tmp_path / "shards", poll_s=0.01, timeout_s=0.05, **ARGS)
     out, meta = prep(tmp_path, path)
     assert wait_for_sft(str(path), out, poll_s=0.01, timeout_s=1, **ARGS) == meta
-    note = sft.failure_note(tmp_path / "other")
+    note = failure_note(tmp_path / "other")
     note.write_text("an earlier run failed\n")  # there before the wait began: ignored
     with pytest.raises(TimeoutError):
         wait_for_sft(str(path), tmp_path / "other", poll_s=0.01, timeout_s=0.05, **ARGS)

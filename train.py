@@ -29,16 +29,18 @@ import torch
 
 from data.loader import TokenLoader
 from data.prepare import default_shard_dir, ensure_prepared, wait_for_prepared
+from data.tasks import TaskDataError
 from data.tokenizer import load_tokenizer
 from model.files import output_dir
 from model.moe import expert_load
 from training import checkpoint, job, parallel, setup
-from training.config import TrainConfig, parse_cli
+from training.config import TrainConfig, parse_cli, task_names
 from training.device import autocast_context, pick_device
 from training.evaluation import evaluate
 from training.generation import sample
 from training.logger import peak_flops
 from training.schedule import lr_at
+from training.tasks import read_task_data, run_task, scalar_metrics
 
 
 def main(argv: list[str]) -> dict:
@@ -135,6 +137,13 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
     train_data, val_data, vocab_size, added_tokens, mean_len = make_data(cfg, dist, log)
     setup.fit_vocab(cfg, vocab_size, added_tokens, log)  # a chat template's new tokens grow the embedding
     tokenizer = load_tokenizer(d.tokenizer)
+    if d.kind == "sft":  # chat-template tasks render in the template the run trains in
+        tokenizer.chat_template_name = d.chat_template
+    for name in task_names(cfg.eval.tasks):  # a task file that cannot be read stops the run now, not at its eval
+        try:
+            read_task_data(name, cfg.eval.task)
+        except TaskDataError as e:
+            raise SystemExit(f"eval.tasks: {e}") from None
     if cfg.epochs:  # the number of steps, known before the first one from the packing plans
         cfg.max_steps = train_data.total_steps(cfg.epochs, dist.world_size, d.grad_accum)
         log(f"data: {cfg.epochs} epochs = {cfg.max_steps} steps of {d.grad_accum} x {dist.world_size} micro-batches")
@@ -164,6 +173,8 @@ def train(cfg: TrainConfig, dist: parallel.Dist, argv: list[str], stop: job.Grac
         with autocast:
             r = {"step": step, **evaluate(fwd, val_data, cfg.eval.batches, device,
                                           reduce=lambda t: parallel.all_reduce_sum(dist, t))}
+            for name in task_names(cfg.eval.tasks):  # every rank runs the same questions: FSDP2 forwards are collective
+                r.update(scalar_metrics(name, run_task(name, model, tokenizer, cfg.eval.task).metrics))
         if dist.main:
             logger.write(r)
             print(logger.eval_line(r))

@@ -14,6 +14,8 @@ Every family's forward takes the same arguments and returns by the same rules:
                                                  cu_seqlens and loss_weights): the training step and evaluation
     model(..., reduction="none")                 LossOutput with token_losses, sample_losses, sample_tokens too
     model(..., return_hidden=True)               Trunk(hidden (B, T, dim) after the final norm, aux_loss)
+    model.logits(hidden)                         the LM head's logits of some hidden states (B, ..., dim): what
+                                                 model(idx) returns at those positions (softcap, scaling included)
 
 return_hidden goes through forward, so FSDP2's forward hooks run; trunk() itself is the same computation for
 code that calls it inside another module's forward (classification and policy heads attach there).
@@ -103,6 +105,11 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.config.rope_scaling.cos_sin_scale())
         mask = None if attention_mask is None else causal_padding_mask(past, T, attention_mask, idx.device)
         return AttentionPlan(B, T, idx.device, cos=cos, sin=sin, mask=mask, cu_seqlens=cu_seqlens)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head on hidden states (..., dim) from trunk(): logits (..., vocab_size), as forward computes them.
+        Scoring a few positions (the last token of each prompt) this way never builds the other positions' logits."""
+        return self.output(hidden)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for this model: batch_size rows of up to max_len positions."""

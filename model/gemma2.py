@@ -162,6 +162,12 @@ class Gemma2(CausalLM):
             cache.advance(idx.shape[1])
         return Trunk(self.norm(x))  # (B, T, dim)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """output(hidden) capped by final_softcap: (..., dim) -> (..., vocab_size)."""
+        logits = self.output(hidden)
+        cap = self.config.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def forward(self, idx: Tensor | Batch, labels: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: Tensor | None = None,
                 cu_seqlens: Tensor | None = None, *, reduction: str = "sum",
@@ -178,8 +184,7 @@ class Gemma2(CausalLM):
         if labels is not None:  # the loss applies the cap itself (by default never holding all logits)
             return lm_head_loss(trunk.hidden, self.output, labels, self.config.kernels, softcap=cap,
                                 reduction=reduction, loss_weights=weights, cu_seqlens=cu_seqlens)
-        logits = self.output(trunk.hidden)  # (B, T, vocab_size)
-        return cap * torch.tanh(logits / cap) if cap else logits
+        return self.logits(trunk.hidden)  # (B, T, vocab_size)
 
 
 CONFIG_CLASS = Gemma2Config

@@ -179,7 +179,7 @@ class GptOss(CausalLM):
         if return_hidden:
             return trunk
         if labels is None:
-            return self.output(trunk.hidden)  # (B, T, vocab_size)
+            return self.logits(trunk.hidden)  # (B, T, vocab_size)
         loss = lm_head_loss(trunk.hidden, self.output, labels, self.config.kernels, reduction=reduction,
                             loss_weights=weights, cu_seqlens=cu_seqlens)  # by default never holding all logits
         return loss._replace(aux_loss=trunk.aux_loss)

@@ -148,6 +148,10 @@ class GraniteMoe(CausalLM):
             cache.advance(idx.shape[1])
         return Trunk(self.norm(x), aux / self.config.n_layers)  # (B, T, dim)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """output(hidden) / logits_scaling: (..., dim) -> (..., vocab_size)."""
+        return self.output(hidden) / self.config.logits_scaling
+
     def forward(self, idx: Tensor | Batch, labels: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: Tensor | None = None,
                 cu_seqlens: Tensor | None = None, *, reduction: str = "sum",
@@ -162,7 +166,7 @@ class GraniteMoe(CausalLM):
         if return_hidden:
             return trunk
         if labels is None:
-            return self.output(trunk.hidden) / self.config.logits_scaling  # (B, T, vocab_size)
+            return self.logits(trunk.hidden)  # (B, T, vocab_size)
         # output(x) / s = output(x / s) for the bias-free head; the loss takes the scaled hidden states
         loss = lm_head_loss(trunk.hidden / self.config.logits_scaling, self.output, labels, self.config.kernels,
                             reduction=reduction, loss_weights=weights, cu_seqlens=cu_seqlens)

@@ -7,6 +7,9 @@
 Layer l's keys live in k[l, :, :, :length] as (B, n_kv_heads, length, head_dim). A forward pass appends its
 new positions at every layer (append), then the model moves `length` on once (advance), so all layers of a
 step see the same offset. Rotary embeddings are applied before caching, so cached keys never change.
+
+When some rows of a batch are finished (generation), keep_rows(index) keeps only the others, so the following
+steps compute nothing for the finished ones.
 """
 
 import torch
@@ -35,3 +38,22 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only batch rows `rows` (ascending), which become rows 0..n-1 in that order; the others are dropped.
+
+        In place, with no new memory: row rows[j] moves to slot j (j <= rows[j], so a row is read before anything
+        overwrites it), copying only its filled positions; rows already in their slot are not touched. k and v then
+        are views (n_layers, n, n_kv_heads, max_len, head_dim) of the same storage."""
+        ascending = all(a < b for a, b in zip(rows, rows[1:]))
+        if not ascending or (rows and not 0 <= rows[0] <= rows[-1] < self.batch_size):
+            raise ValueError(f"KVCache.keep_rows: rows must ascend within 0..{self.batch_size - 1}, got {rows}")
+        for j, b in enumerate(rows):
+            if b != j:
+                self.k[:, j, :, :self.length] = self.k[:, b, :, :self.length]  # (n_layers, n_kv_heads, T, head_dim)
+                self.v[:, j, :, :self.length] = self.v[:, b, :, :self.length]
+        self.k = self.k[:, :len(rows)]  # (n_layers, n, n_kv_heads, max_len, head_dim)
+        self.v = self.v[:, :len(rows)]

@@ -179,7 +179,7 @@ class Llama(CausalLM):
         if return_hidden:
             return trunk
         if labels is None:
-            return self.output(trunk.hidden)  # (B, T, vocab_size)
+            return self.logits(trunk.hidden)  # (B, T, vocab_size)
         return lm_head_loss(trunk.hidden, self.output, labels, self.config.kernels, reduction=reduction,
                             loss_weights=weights, cu_seqlens=cu_seqlens)  # by default never holding all logits
 

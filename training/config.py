@@ -74,11 +74,44 @@ class ScheduleConfig:
     div_factor: float = 25.0  # onecycle: the LR starts at lr / div_factor and rises (cosine) to lr
 
 
+TASKS = ("mmlu", "malaymmlu", "gsm8k")  # what eval.tasks may name (training.tasks runs them)
+
+
+def task_names(text: str) -> list[str]:
+    """The task names of a comma-separated eval.tasks value."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@dataclass
+class TaskConfig:
+    mmlu_data: str = ""  # mmlu: questions {subject, question, choices[4], answer} (.jsonl, .json, .parquet; the real MMLU's .csv files or their directory)
+    mmlu_fewshot_data: str = ""  # mmlu: the dev split few-shot examples come from; "" = the questions themselves (never a question's own)
+    fewshot_pool: Literal["subject", "all"] = "subject"  # mmlu: examples from the question's own subject (MMLU's per-subject dev split) or the first of the whole file
+    malaymmlu_data: str = ""  # malaymmlu: questions {prompt, options, key, subject, category} (.json, .jsonl, .parquet)
+    gsm8k_data: str = ""  # gsm8k: questions {question, answer ending in "#### N"} (.jsonl, .json, .parquet)
+    gsm8k_fewshot_data: str = ""  # gsm8k: the train file few-shot examples come from; "" = the questions themselves (never a question's own)
+    shots: int = 0  # few-shot examples per prompt (mmlu, gsm8k)
+    chat: bool = False  # render prompts through the tokenizer's chat template instead of lm-evaluation-harness's plain text
+    instruction: str = "auto"  # gsm8k --chat: text before the question in the user's message; auto = ask for step-by-step reasoning ending in "#### N"; "" = the bare question (as the SFT configs train)
+    limit: int = 0  # score the first N questions of each file; 0 = all
+    generative: bool = False  # malaymmlu: answer by generation (the \boxed{} letter, first-sample and any-of-N accuracy) instead of log-likelihood
+    system_prompt: str = ""  # malaymmlu generative: the system prompt; "" = the built-in reasoning prompt
+    samples: int = 1  # generation: answers per question (pass@N for gsm8k, any-of-N for malaymmlu); > 1 needs temperature > 0
+    temperature: float = 0.0  # generation: 0 = greedy
+    top_p: float = 1.0  # generation: nucleus mass; 1 = off
+    max_new_tokens: int = 256  # generation: tokens per answer (an answer that reaches it is counted as truncated)
+    batch_size: int = 32  # generation: prompts decoded together (sorted by length; a finished one leaves the batch)
+    max_tokens: int = 8192  # scoring: tokens per forward of prompt + choice sequences
+    seed: int = 0  # generation: sampling seed
+
+
 @dataclass
 class EvalConfig:
     interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
     batches: int = 20  # validation batches per evaluation (0 = the whole split); for sft, micro-batches of each process
     at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune is compared against)
+    tasks: str = ""  # comma-separated tasks also run at each evaluation: mmlu, malaymmlu, gsm8k (settings under eval.task); their metrics are logged as <task>_<metric>
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass
@@ -147,6 +180,14 @@ class TrainConfig:
         if self.data.kind == "pretrain" and self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower --data.seq_len or raise --model.max_seq_len")
+        for name in task_names(self.eval.tasks):
+            if name not in TASKS:
+                close = difflib.get_close_matches(name, TASKS, n=1)
+                raise ConfigError(f"eval.tasks names {name!r}, not one of {list(TASKS)}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+            if not getattr(self.eval.task, f"{name}_data"):
+                raise ConfigError(f"eval.tasks runs {name} but eval.task.{name}_data is empty; give its questions' file "
+                                  f"(--eval.task.{name}_data=PATH)")
         if hasattr(self.model, "validate"):
             try:
                 self.model.validate()
@@ -183,6 +224,15 @@ RANGES: dict[str, str] = {
     "schedule.div_factor": "[1, inf)",  # onecycle starts at lr / div_factor and rises to lr
     "eval.interval": "[0, inf)",
     "eval.batches": "[0, inf)",  # 0 = the whole validation split
+    "eval.task.shots": "[0, inf)",
+    "eval.task.limit": "[0, inf)",
+    "eval.task.samples": "[1, inf)",
+    "eval.task.temperature": "[0, inf)",
+    "eval.task.top_p": "(0, 1]",
+    "eval.task.max_new_tokens": "[1, inf)",
+    "eval.task.batch_size": "[1, inf)",
+    "eval.task.max_tokens": "[1, inf)",
+    "eval.task.seed": "[0, inf)",
     "log.interval": "[1, inf)",
     "ckpt.interval": "[0, inf)",
     "ckpt.keep_last": "[1, inf)",

@@ -82,8 +82,10 @@ class Logger:
 
     @staticmethod
     def eval_line(r: dict) -> str:
+        tasks = "".join(f" | {k} {v:.4f}" for k, v in r.items() if k.endswith("_acc") and k != "val_token_acc"
+                        and isinstance(v, float))  # eval.tasks' accuracies
         return (f"eval step {r['step']} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f} | "
-                f"val_token_acc {r['val_token_acc']:.4f}")
+                f"val_token_acc {r['val_token_acc']:.4f}{tasks}")
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -267,8 +267,7 @@ def mmlu(model: nn.Module, tokenizer, questions: list[MCQuestion], *, shots: int
     metrics = {"acc": accuracy(per_subject),
                "acc_by_subject": {k: c / n for k, (c, n) in per_subject.items()},
                "n": sum(n for _, n in per_subject.values()), "shots": shots,
-               "prompt": "chat template" if chat else "lm-evaluation-harness",
-               **skipped_metrics(records)}
+               "prompt": prompt_kind(chat), **skipped_metrics(records)}
     return TaskResult(metrics, records)
 
 
@@ -313,11 +312,13 @@ def malaymmlu(model: nn.Module, tokenizer, questions: list[MCQuestion], *, chat:
         record.update(first_token_logprobs=s, first_token_pred=LETTERS[argmax(s)],
                       first_token_correct=argmax(s) == q.answer, full_mean_logprobs=means,
                       full_pred=LETTERS[argmax(means)], full_correct=argmax(means) == q.answer)
-    return TaskResult(category_metrics(records, ("first_token", "full")) | {"prompt": prompt_kind(chat)}, records)
+    metrics = category_metrics(records, ("first_token", "full")) | {"prompt": prompt_kind(chat, "MalayMMLU official")}
+    return TaskResult(metrics, records)
 
 
-def prompt_kind(chat: bool) -> str:
-    return "chat template" if chat else "plain"
+def prompt_kind(chat: bool, plain: str = "lm-evaluation-harness") -> str:
+    """What the results say about the prompt: the chat template's, or the task's plain-text one."""
+    return "chat template" if chat else plain
 
 
 def category_metrics(records: list[dict], metrics: tuple[str, ...]) -> dict:
@@ -424,7 +425,7 @@ def gsm8k(model: nn.Module, tokenizer, questions: list[GSMQuestion], *, shots: i
     metrics = {"strict_acc": mean("strict_correct"), "flexible_acc": mean("flexible_correct"), "n": n,
                "truncated": sum(r["truncated"] for r in scored), "shots": shots, "samples": samples,
                "temperature": temperature, "max_new_tokens": max_new_tokens,
-               "prompt": "chat template" if chat else "lm-evaluation-harness"}
+               "prompt": prompt_kind(chat)}
     if samples > 1:
         metrics.update({f"strict_pass@{samples}": mean("strict_any"), f"flexible_pass@{samples}": mean("flexible_any"),
                         "truncated_samples": sum(r["truncated_samples"] for r in scored)})

@@ -56,44 +56,50 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
+    bench_generation(args.model or str(smollm2_gguf_path()), args.n, device=args.device, dtype=args.dtype,
+                     data=args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     warmup=args.warmup, iters=args.iters)
 
-    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    path = args.model or str(smollm2_gguf_path())
-    ours = from_pretrained(path, device=args.device, dtype=dtype)
+
+def bench_generation(path: str | Path, n: int, *, device: str, dtype: str | None = None, data: str | Path = DATA,
+                     batch_size: int = 32, max_new_tokens: int = 256, warmup: int = 1, iters: int = 3) -> dict:
+    """Time both sides on the first n questions of `data`; print the lines and return the numbers."""
+    path = str(path)
+    dtype_name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    ours = from_pretrained(path, device=device, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name])
     hf = hf_twin(ours)
     model_dir = resolve_model_dir(path)
     tok = load_tokenizer(model_dir)
     hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok.encode(gsm8k_prompt(q, [])) for q in read_gsm8k(args.data)[:args.n]]
-    print(f"model {path}: {ours.num_params() / 1e6:.1f}M params; device {args.device}, dtype {dtype_name}; "
+    prompts = [tok.encode(gsm8k_prompt(q, [])) for q in read_gsm8k(data)[:n]]
+    print(f"model {path}: {ours.num_params() / 1e6:.1f}M params; device {device}, dtype {dtype_name}; "
           f"{len(prompts)} GSM8K prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, 0-shot, "
-          f"greedy, batch {args.batch_size}, max {args.max_new_tokens} new tokens, stop at EOS {tok.eos_id} or "
+          f"greedy, batch {batch_size}, max {max_new_tokens} new tokens, stop at EOS {tok.eos_id} or "
           f"{list(GSM_STOP)}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}")
 
     # transformers' batches: the ones generate_completions makes (longest first), left-padded with EOS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     hf_batches = []
-    for start in range(0, len(order), args.batch_size):
-        rows = order[start:start + args.batch_size]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
         width = len(prompts[rows[0]])
         x = torch.full((len(rows), width), tok.eos_id, dtype=torch.long)  # (B, P)
         mask = torch.zeros(len(rows), width, dtype=torch.long)  # (B, P)
         for b, i in enumerate(rows):
             x[b, width - len(prompts[i]):], mask[b, width - len(prompts[i]):] = torch.tensor(prompts[i]), 1
-        hf_batches.append((rows, x.to(args.device), mask.to(args.device)))
+        hf_batches.append((rows, x.to(device), mask.to(device)))
     results: dict[str, list] = {}
 
     def run_ours() -> None:
-        results["ours"] = generate_completions(ours, prompts, args.max_new_tokens, batch_size=args.batch_size,
+        results["ours"] = generate_completions(ours, prompts, max_new_tokens, batch_size=batch_size,
                                                stop_ids=[tok.eos_id], stop_strings=GSM_STOP, tokenizer=tok)
 
     def run_hf() -> None:
         results["hf"] = []
         for rows, x, mask in hf_batches:
             with torch.no_grad():
-                y = hf.generate(x, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
+                y = hf.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, stop_strings=list(GSM_STOP),
                                 tokenizer=hf_tok)  # (B, P + steps)
             results["hf"].append(y[:, x.shape[1]:])  # (B, steps): finished rows padded to the last one's end
@@ -102,7 +108,7 @@ def main() -> None:
         generate_completions(ours, prompts[:1], 2, stop_ids=[tok.eos_id], stop_strings=GSM_STOP, tokenizer=tok)
         hf.generate(hf_batches[0][1][:1], attention_mask=hf_batches[0][2][:1], max_new_tokens=2, do_sample=False,
                     eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, stop_strings=list(GSM_STOP), tokenizer=hf_tok)
-    medians = time_alternating({"ours": run_ours, "hf": run_hf}, args.warmup, args.iters, args.device)
+    medians = time_alternating({"ours": run_ours, "hf": run_hf}, warmup, iters, device)
     ours_rows = [c.tokens for c in results["ours"]]
     hf_rows: list[list[int]] = [[] for _ in prompts]
     for (rows, _, _), new in zip(hf_batches, results["hf"]):
@@ -118,6 +124,11 @@ def main() -> None:
     print(f"hf:   {tok_s['hf']:8.1f} tok/s ({medians['hf']:.2f} s, {n_kept['hf']} tokens kept, {hf_computed} "
           f"computed)")
     print(f"ratio ours/HF {tok_s['ours'] / tok_s['hf']:.2f}x | identical greedy rows {same}/{len(prompts)}")
+    return {"prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "ours_tokens_per_s": round(tok_s["ours"], 2), "hf_tokens_per_s": round(tok_s["hf"], 2),
+            "speedup": round(tok_s["ours"] / tok_s["hf"], 2), "ours_s": round(medians["ours"], 2),
+            "hf_s": round(medians["hf"], 2), "tokens_kept": n_kept["ours"], "hf_tokens_computed": hf_computed,
+            "identical_rows": same, "rows_stopped": stopped}
 
 
 if __name__ == "__main__":

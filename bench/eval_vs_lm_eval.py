@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--max_tokens", type=int, default=8192, help="ours: tokens per forward")
     ap.add_argument("--lm_eval_batch_size", default="8", help="lm-evaluation-harness's HF batch size (or auto)")
     ap.add_argument("--gsm_n", type=int, default=64, help="GSM8K prompts for the generation half (0 = skip it)")
+    ap.add_argument("--gsm_iters", type=int, default=1, help="timed runs of each side (the median is kept)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: bfloat16 on a GPU, float32 on CPU")
@@ -136,7 +137,8 @@ def main() -> None:
         if args.gsm_n:
             from bench.eval_gsm_generation import bench_generation
 
-            results["gsm8k"] = bench_generation(hf_dir, args.gsm_n, device=args.device, dtype=args.dtype)
+            results["gsm8k"] = bench_generation(hf_dir, args.gsm_n, device=args.device, dtype=args.dtype,
+                                                warmup=0, iters=args.gsm_iters)
     print(json.dumps(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

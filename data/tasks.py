@@ -2,8 +2,8 @@
 prompts lm-evaluation-harness (lm-eval 0.4) builds from them, and the answer extraction and matching it scores with.
 Pure Python: the model side (scoring, generation) is training/tasks.py.
 
-    from data.tasks import (fewshot, flexible_extract, gsm8k_prompt, gsm_correct, mmlu_prompt, read_gsm8k,
-                            read_mmlu, strict_extract)
+    from data.tasks import (fewshot, flexible_extract, gsm8k_prompt, gsm_correct, mmlu_prompt, random_fewshot,
+                            read_gsm8k, read_mmlu, strict_extract)
 
     test, dev = read_mmlu("mmlu/test"), read_mmlu("mmlu/dev")          # a directory of MMLU .csv files, or a .jsonl
     q = test[0]
@@ -11,8 +11,8 @@ Pure Python: the model side (scoring, generation) is training/tasks.py.
     # score " A" .. " D" after the prompt; right when the best is LETTERS[q.answer]
 
     gsm = read_gsm8k("gsm8k/test.jsonl")
-    shots = fewshot(gsm[0], read_gsm8k("gsm8k/train.jsonl"), 5, exclude_self=False)
-    prompt = gsm8k_prompt(gsm[0], shots)                               # generate until one of GSM_STOP
+    shots = random_fewshot(gsm, read_gsm8k("gsm8k/train.jsonl"), 5, exclude_self=False)   # lm-eval's draws
+    prompt = gsm8k_prompt(gsm[0], shots[0])                            # generate until one of GSM_STOP
     gsm_correct(strict_extract(completion), gsm[0].answer)             # lm-eval's strict-match exact_match
     gsm_correct(flexible_extract(completion), gsm[0].answer)           # and its flexible-extract
 

@@ -217,3 +217,31 @@ def test_every_family_on_two_ranks_trains_as_one_process(config_file, tmp_path):
     single(tmp_path / "one", args)
     torchrun(2, tmp_path / "two", args)
     assert_close_losses(losses(tmp_path / "two"), losses(tmp_path / "one"), FP32_ATOL, steps=range(1, 6))
+
+
+def test_eval_tasks_on_two_ranks_give_the_one_process_numbers(seed_dir, tmp_path):
+    """eval.tasks under FSDP2: every rank runs the same questions (generation and scoring forwards are collective),
+    nothing hangs when rows finish at different steps, and the logged metrics equal one process's."""
+    gsm, mmlu = tmp_path / "gsm.jsonl", tmp_path / "mmlu.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} pens and buys {i + 2}. How many now?",
+                                       "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"}) + "\n"
+                           for i in range(5)))
+    mmlu.write_text("".join(json.dumps({"subject": "anatomy", "question": f"Which number follows {i}?",
+                                        "choices": [str(i - 1), str(i + 1), str(i), str(i + 2)], "answer": "B"}) + "\n"
+                            for i in range(4)))
+    args = [*common(seed_dir), "--max_steps=2", "--eval.interval=2", "--eval.batches=1", "--eval.tasks=gsm8k,mmlu",
+            f"--eval.task.gsm8k_data={gsm}", f"--eval.task.mmlu_data={mmlu}", "--eval.task.max_new_tokens=12",
+            "--eval.task.batch_size=2"]
+    single(tmp_path / "one", args)
+    torchrun(2, tmp_path / "two", args)
+
+    def task_metrics(out_dir: Path) -> dict:
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        (final,) = [r for r in records if "gsm8k_n" in r]
+        return {k: v for k, v in final.items() if k.startswith(("gsm8k_", "mmlu_"))}
+
+    one, two = task_metrics(tmp_path / "one"), task_metrics(tmp_path / "two")
+    assert one["gsm8k_n"] == 5 and one["mmlu_n"] == 4
+    assert one.keys() == two.keys()
+    for k in one:
+        assert two[k] == pytest.approx(one[k], abs=1e-6), k

@@ -35,6 +35,19 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def broadcast(self, batch_size: int, max_len: int) -> "KVCache":
+        """A new cache of batch_size rows and max_len positions, every row starting with this one-row cache's
+        filled positions: a prompt prefix computed once, then continued by many rows."""
+        if self.k.shape[1] != 1 or max_len < self.length:
+            raise ValueError(f"KVCache.broadcast: needs a one-row cache and max_len >= its {self.length} positions; "
+                             f"got {self.k.shape[1]} rows, max_len {max_len}")
+        L, _, H, _, D = self.k.shape
+        out = KVCache(L, batch_size, H, D, max_len, self.k.dtype, self.k.device)
+        out.k[:, :, :, :self.length] = self.k[:, :, :, :self.length]  # (L, 1, H, P, D) -> every row
+        out.v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
+        out.length = self.length
+        return out
+
     def advance(self, n: int) -> None:
         self.length += n
 

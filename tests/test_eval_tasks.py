@@ -55,6 +55,29 @@ def test_next_token_logprobs_equal_the_full_logits(family, layout):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefixes_are_computed_once_and_change_nothing(family):
+    """k-shot prompts of one subject share their start: it runs once into a KV cache copied to every row, and each
+    prompt's tail after it; the log-probabilities equal the full logits' (sliding windows and sinks included)."""
+    model = tiny_model(family).eval()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, VOCAB, (20,), generator=g).tolist()
+    contexts = [prefix + t for t in sequences(5, seed=4)] + sequences(3, seed=5) + [prefix[:9] + [VOCAB - 1] * 3]
+    candidates = [[1, 2, 3, 4]] * len(contexts)
+    shared, alone = tasks.shared_prefix_groups(contexts, min_shared=8)
+    assert shared == [(20, [i for i in sorted(range(5), key=lambda i: contexts[i])])] and len(alone) == 4
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(tuple(args[0].shape))
+                                           if isinstance(args[0], torch.Tensor) else None, with_kwargs=True)
+    ours = tasks.next_token_logprobs(model, contexts, candidates, max_tokens=40, min_shared=8)
+    hook.remove()
+    assert widths[0] == (1, 20)  # the shared prefix, once
+    for ctx, got in zip(contexts, ours):
+        with torch.no_grad():
+            want = model(torch.tensor([ctx]))[0, -1].float().log_softmax(-1)[[1, 2, 3, 4]]
+        torch.testing.assert_close(torch.tensor(got), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_score_sequences_equal_summed_log_probabilities(family, layout):
     model = tiny_model(family).eval()
     seqs = sequences(9, seed=1)

@@ -151,18 +151,88 @@ def score_sequences(model: nn.Module, seqs: list[list[int]], n_scored: list[int]
     return out
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_groups(contexts: list[list[int]], min_shared: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Contexts that begin with the same tokens: ([(prefix length, indices)], the indices of the others). Sorted
+    token lists put such contexts next to each other; each group's prefix leaves at least one token of every member
+    to compute after it, is at least min_shared tokens long, and a context joins a group only if that keeps more than
+    half of the group's prefix (a one-context group's is its length - 1)."""
+    groups: list[list] = []  # [prefix length, indices]
+    for i in sorted(range(len(contexts)), key=lambda i: contexts[i]):
+        c = contexts[i]
+        if groups:
+            shared = min(groups[-1][0], common_prefix(contexts[groups[-1][1][0]], c), len(c) - 1)
+            if shared >= min_shared and 2 * shared > groups[-1][0]:  # joining may not halve the group's prefix
+                groups[-1][0] = shared
+                groups[-1][1].append(i)
+                continue
+        groups.append([len(c) - 1, [i]])
+    return [(n, g) for n, g in groups if len(g) > 1], [g[0] for _, g in groups if len(g) == 1]
+
+
+def caches_prefixes(model: nn.Module) -> bool:
+    """Whether the model's attention takes a KV cache (eager, sdpa; auto picks one of them for a cached call)."""
+    return model.config.attn_backend in ("auto", "eager", "sdpa")
+
+
+def last_logprobs(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  candidates: list[list[int]]) -> list[list[float]]:
+    """The candidates' log-probabilities at hidden[rows, cols]: the LM head at those positions only."""
+    device = hidden.device
+    logprobs = model.logits(hidden[rows.to(device), cols.to(device)]).float().log_softmax(-1)  # (n, V)
+    return [row[torch.tensor(c, device=device)].tolist() for row, c in zip(logprobs, candidates)]
+
+
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, contexts: list[list[int]], candidates: list[list[int]], *,
-                        max_tokens: int = 8192, progress: bool = False, desc: str = "scoring") -> list[list[float]]:
+                        max_tokens: int = 8192, progress: bool = False, desc: str = "scoring",
+                        min_shared: int = 64) -> list[list[float]]:
     """For each context, the log-probabilities (full-vocabulary softmax) of its candidate next tokens, from one
-    forward of the context: the LM head runs at the context's last position only."""
+    forward of the context: the LM head runs at the context's last position only.
+
+    Contexts that share a prefix of at least min_shared tokens (k-shot prompts of one subject: the description and
+    the same examples) compute it once: one forward of the prefix fills a KV cache, copied to every row, and only
+    each context's own tail runs after it (right-padded: causal attention never sees the padding after a tail).
+    The others run in batches of whole contexts."""
     device = next(model.parameters()).device
     packed = packs_documents(model, device)
     out: list[list[float]] = [[] for _ in contexts]
     was_training = model.training
     model.eval()
-    groups = forward_groups([len(c) for c in contexts], max_tokens, packed)
-    for g in tqdm(groups, desc=desc, unit="batch", disable=not progress):
+    if caches_prefixes(model):
+        shared, alone = shared_prefix_groups(contexts, min_shared)
+    else:
+        shared, alone = [], list(range(len(contexts)))
+    bar = tqdm(total=len(contexts), desc=desc, unit="prompt", disable=not progress)
+    for n_prefix, members in shared:
+        prefix_cache = model.new_cache(1, n_prefix)
+        model(torch.tensor([contexts[members[0]][:n_prefix]], device=device), cache=prefix_cache,
+              return_hidden=True)  # fills the cache
+        tail = max(len(contexts[i]) for i in members) - n_prefix
+        rows = max(1, min(32, max_tokens // tail))
+        for start in range(0, len(members), rows):
+            chunk = members[start:start + rows]
+            tails = [contexts[i][n_prefix:] for i in chunk]
+            ids = torch.zeros(len(chunk), tail, dtype=torch.long)  # (n, S) right-padded
+            for b, t in enumerate(tails):
+                ids[b, :len(t)] = torch.tensor(t)
+            cache = prefix_cache.broadcast(len(chunk), n_prefix + tail)
+            hidden = model(ids.to(device), cache=cache, return_hidden=True).hidden  # (n, S, dim)
+            cols = torch.tensor([len(t) - 1 for t in tails])
+            for i, lp in zip(chunk, last_logprobs(model, hidden, torch.arange(len(chunk)), cols,
+                                                  [candidates[i] for i in chunk])):
+                out[i] = lp
+            bar.update(len(chunk))
+    for g in forward_groups([len(contexts[i]) for i in alone], max_tokens, packed):
+        g = [alone[j] for j in g]
         seqs = [contexts[i] for i in g]
         batch = group_batch(seqs, [[IGNORE_INDEX] * len(s) for s in seqs], packed).to(device)
         hidden = model(batch, return_hidden=True).hidden  # (B, T, dim)
@@ -171,10 +241,10 @@ def next_token_logprobs(model: nn.Module, contexts: list[list[int]], candidates:
             rows, cols = torch.zeros_like(lengths), lengths.cumsum(0) - 1
         else:
             rows, cols = torch.arange(len(seqs)), lengths - 1
-        last = hidden[rows.to(device), cols.to(device)]  # (n, dim)
-        logprobs = model.logits(last).float().log_softmax(-1)  # (n, V)
-        for i, row in zip(g, logprobs):
-            out[i] = row[torch.tensor(candidates[i], device=device)].tolist()
+        for i, lp in zip(g, last_logprobs(model, hidden, rows, cols, [candidates[i] for i in g])):
+            out[i] = lp
+        bar.update(len(g))
+    bar.close()
     model.train(was_training)
     return out
 

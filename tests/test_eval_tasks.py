@@ -158,6 +158,29 @@ def test_malaymmlu_metrics_equal_a_hand_computation(gpt2):
     assert category_weighted({"a": (1, 4), "b": (3, 4), "c": (0, 2)}) == pytest.approx(4 / 10)
 
 
+def test_malaymmlu_generative_scores_the_boxed_letter_of_each_sample(monkeypatch):
+    tok = load_tokenizer("gpt2")
+    tok.chat_template_name = "chatml"
+    questions = read_malaymmlu(FIXTURES / "malaymmlu_sample.json")[:3]
+    right = ["ABCDE"[q.answer] for q in questions]
+    wrong = ["B" if r == "A" else "A" for r in right]
+    answers = [[f"so \\boxed{{{right[0]}}}", "no box at all"],  # first right
+               [f"\\boxed{{{wrong[1]}}}", f"maybe \\boxed{{{right[1]}}}"],  # only the second right
+               [f"\\boxed{{{right[2]}}} or \\boxed{{{wrong[2]}}}", "\\boxed{Z}"]]  # ambiguous, then out of range
+    seen = []
+
+    def fake(model, prompts, max_new_tokens, **kwargs):
+        seen.append(tok.decode(prompts[0]))
+        return [Completion(tok.encode(answers[i // 2][i % 2]), stopped=i != 5) for i in range(len(prompts))]
+
+    monkeypatch.setattr(tasks, "generate_completions", fake)
+    r = tasks.malaymmlu_generative(gpt2_model(tok), tok, questions, samples=2, temperature=0.7)
+    assert tasks.BOXED_SYSTEM_PROMPT in seen[0] and "Jawapan:" in seen[0]
+    assert [x["parsed"] for x in r.records] == [[right[0], None], [wrong[1], right[1]], [None, None]]
+    assert r.metrics["first_sample_acc"] == pytest.approx(1 / 3) and r.metrics["any_of_n_acc"] == pytest.approx(2 / 3)
+    assert r.metrics["unparsed"] == 3 and r.metrics["unparsed_first"] == 1 and r.metrics["truncated"] == 1
+
+
 def test_a_prompt_longer_than_the_context_is_counted_not_cut(gpt2):
     model = gpt2_model(gpt2, max_seq_len=64)
     short = MCQuestion(0, "anatomy", "", "What is 2 + 2?", ("3", "4", "5", "6"), 1)

@@ -37,12 +37,12 @@ import torch
 from data.loader import TokenLoader
 from data.prepare import default_shard_dir
 from data.tokenizer import load_tokenizer
-from training.checkpoint import load_model, resolve
-from training.device import autocast_context, pick_device
-from training.evaluation import evaluate
 from data.tasks import TaskDataError
 from model.files import write_text_atomic
+from training.checkpoint import load_model, resolve
 from training.config import TASKS, TaskConfig
+from training.device import autocast_context, pick_device
+from training.evaluation import evaluate
 from training.generation import load_for_inference
 from training.tasks import run_task
 
@@ -127,7 +127,8 @@ def main(argv: list[str]) -> dict:
     device = pick_device(args.device)
     model, tokenizer = load_for_inference(args.ckpt, device, args.dtype)
     settings = TaskConfig(**{f"{args.task}_data": args.data}, shots=args.shots, fewshot_pool=args.fewshot_pool,
-                          chat=args.chat, instruction=args.instruction, limit=args.limit, generative=args.generative, system_prompt=args.system,
+                          chat=args.chat, instruction=args.instruction, limit=args.limit,
+                          generative=args.generative, system_prompt=args.system,
                           samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens or (1024 if args.task == "malaymmlu" else 256),
                           batch_size=args.batch_size or 32, max_tokens=args.max_tokens, seed=args.seed)

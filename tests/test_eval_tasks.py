@@ -295,7 +295,7 @@ def test_eval_cli_runs_tasks_and_writes_records(run_with_tasks, gsm_file, mmlu_f
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--shots", "9"], "shots"),  # more examples than the file has
+    (["--shots", "9"], "fewer than the 9 asked for"),  # more examples than the file has
     (["--shots", "-1"], "--shots must be >= 0"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--samples", "2"], "identical greedy answers"),

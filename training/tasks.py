@@ -256,8 +256,13 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
 
-def fits(model: nn.Module, n_tokens: int) -> bool:
-    return n_tokens <= model.config.max_seq_len
+def fits(model: nn.Module, record: dict, n_tokens: int) -> bool:
+    """Whether n_tokens (a prompt and what is scored or generated after it) fit the model's context; when they do
+    not, the record is marked skipped, saying why (the question is counted under too_long, never cut)."""
+    if n_tokens <= model.config.max_seq_len:
+        return True
+    record["skipped"] = f"too_long: {n_tokens} tokens, context {model.config.max_seq_len}"
+    return False
 
 
 def choice_scores(model: nn.Module, requests: list[tuple[list[int], list[list[int]]]], *, max_tokens: int,
@@ -322,9 +327,7 @@ def mmlu(model: nn.Module, tokenizer, questions: list[MCQuestion], *, shots: int
             pairs = [encode_pair(tokenizer, prompt, " " + letter) for letter in letters]
             ctx, conts = pairs[0][0], [c for _, c in pairs]
         record = {"row": q.row, "subject": q.subject, "answer": LETTERS[q.answer], "prompt": prompt}
-        if not fits(model, len(ctx) + max(len(c) for c in conts)):
-            record["skipped"] = f"too_long: {len(ctx)} prompt tokens, context {model.config.max_seq_len}"
-        else:
+        if fits(model, record, len(ctx) + max(len(c) for c in conts)):
             requests.append((ctx, conts))
         records.append(record)
     scores = iter(choice_scores(model, requests, max_tokens=max_tokens, progress=progress, desc="mmlu"))
@@ -364,9 +367,7 @@ def malaymmlu(model: nn.Module, tokenizer, questions: list[MCQuestion], *, chat:
         letters = [tokenizer.encode(letter)[-1] for letter in LETTERS[:len(q.choices)]]
         record = {"row": q.row, "subject": q.subject, "category": q.category, "answer": LETTERS[q.answer],
                   "prompt": tokenizer.decode(ctx) if chat else prompt}
-        if not fits(model, max(len(o) for o in options)):
-            record["skipped"] = f"too_long: {max(len(o) for o in options)} tokens, context {model.config.max_seq_len}"
-        else:
+        if fits(model, record, max(len(o) for o in options)):
             first_requests.append((ctx, [[t] for t in letters]))
             full_seqs.extend(options)
         records.append(record)
@@ -466,9 +467,7 @@ def gsm8k(model: nn.Module, tokenizer, questions: list[GSMQuestion], *, shots: i
             text = gsm8k_prompt(q, shown)
             ids = encode(tokenizer, text)
         record = {"row": q.row, "prompt": text, "target": q.target}
-        if not fits(model, len(ids) + 1):
-            record["skipped"] = f"too_long: {len(ids)} prompt tokens, context {model.config.max_seq_len}"
-        else:
+        if fits(model, record, len(ids) + 1):
             prompts.append(ids)
             kept.append((record, q))
         records.append(record)
@@ -517,9 +516,7 @@ def malaymmlu_generative(model: nn.Module, tokenizer, questions: list[MCQuestion
                                    {"role": "user", "content": malaymmlu_prompt(q)}])
         record = {"row": q.row, "subject": q.subject, "category": q.category, "answer": LETTERS[q.answer],
                   "prompt": tokenizer.decode(ids)}
-        if not fits(model, len(ids) + 1):
-            record["skipped"] = f"too_long: {len(ids)} prompt tokens, context {model.config.max_seq_len}"
-        else:
+        if fits(model, record, len(ids) + 1):
             prompts.append(ids)
             kept.append((record, q))
         records.append(record)
@@ -590,4 +587,4 @@ def run_task(name: str, model: nn.Module, tokenizer, t: TaskConfig, progress: bo
 def scalar_metrics(name: str, metrics: dict) -> dict:
     """The numbers among a task's metrics, as {"<task>_<metric>": value}: what metrics.jsonl and wandb get."""
     return {f"{name}_{k}": v for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None and k.endswith("acc")}
+            if (isinstance(v, (int, float)) and not isinstance(v, bool)) or (v is None and k.endswith("acc"))}
